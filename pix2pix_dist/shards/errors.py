@@ -1,0 +1,5 @@
+"""The one exception users see: a short, actionable, one-line message (the CLI adds no traceback)."""
+
+
+class ShardError(Exception):
+    """A user-facing problem (missing/empty source, unwritable output, bad option...)."""

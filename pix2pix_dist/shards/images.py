@@ -1,0 +1,212 @@
+"""One image in, one training-ready JPEG (or a reason to skip it) out.
+
+Everything here is a pure function of the file's bytes and the settings, so the shard writer can
+run it in any worker process, in any order, and still produce byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Modes that carry no colour at all: rejected from the header, before decoding any pixel.
+GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+# SOF markers the GPU decoders (nvJPEG) and every common reader handle: baseline (C0), extended
+# sequential (C1) and progressive (C2) Huffman. Arithmetic-coded or lossless JPEGs get re-encoded.
+PASSTHROUGH_SOF = {0xC0, 0xC1, 0xC2}
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    min_size: int = 64
+    """Shorter side (pixels) below which an image is dropped."""
+    resize: int | None = None
+    """Downscale so that the shorter side is this many pixels; None keeps the size."""
+    quality: int = 95
+    """JPEG quality for images that must be re-encoded."""
+    gray_tolerance: int = 10
+    """A pixel counts as coloured when max(R,G,B) - min(R,G,B) exceeds this (0..255)."""
+    gray_fraction: float = 0.01
+    """An image is grayscale when at most this share of its pixels are coloured."""
+
+
+@dataclass(frozen=True)
+class Converted:
+    jpeg: bytes
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+    detail: str = ""
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:1024]
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        # A multi-byte character may be cut at 1024 bytes: allow a few trailing bytes.
+        try:
+            head[:-4].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return not any(b < 9 or 13 < b < 32 for b in head)
+
+
+def jpeg_sof(data: bytes) -> tuple[int, int, int] | None:
+    """(SOF marker, sample precision, components) of a JPEG, or None when no frame header is found.
+
+    PIL does not expose the frame type directly; walking the marker segments is cheap (headers
+    only) and tells us whether the original bytes are safe to keep as they are.
+    """
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no frame header before it
+            return None
+        length = (data[i + 2] << 8) | data[i + 3]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 10 > n:
+                return None
+            return marker, data[i + 4], data[i + 9]
+        i += 2 + length
+    return None
+
+
+def is_grayscale(im: Image.Image, tolerance: int, fraction: float) -> bool:
+    """True when (nearly) every pixel has R == G == B.
+
+    Works on a small copy: colour cast is a global property, and a box reduction averages JPEG
+    chroma noise away instead of mistaking it for colour.
+    """
+    factor = max(1, max(im.size) // 128)
+    small = im.reduce(factor) if factor > 1 else im
+    a = np.asarray(small, dtype=np.int16)
+    spread = a.max(axis=2) - a.min(axis=2)
+    return int(np.count_nonzero(spread > tolerance)) <= fraction * spread.size
+
+
+def _to_rgb(im: Image.Image, changes: list[str]) -> Image.Image:
+    """Convert any colour mode to RGB; transparency is composited on white (not black: a cut-out
+    object on black would teach the model that backgrounds are black)."""
+    if im.mode == "RGB":
+        return im
+    if (im.mode == "P" and "transparency" in im.info) or im.mode in ("PA", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        changes.append("alpha_on_white")
+        return Image.alpha_composite(white, im).convert("RGB")
+    changes.append(f"{im.mode.lower().replace(';', '')}_to_rgb")
+    return im.convert("RGB")
+
+
+def _target_size(w: int, h: int, short: int) -> tuple[int, int]:
+    if w <= h:
+        return short, max(1, round(h * short / w))
+    return max(1, round(w * short / h)), short
+
+
+def convert_image(data: bytes, settings: ImageSettings) -> Converted | Rejected:
+    """Validate and convert one encoded image. Never raises for bad input: returns Rejected."""
+    if not data:
+        return Rejected("empty")
+    with warnings.catch_warnings():
+        # Huge images only warn below PIL's bomb limit; above it we get an exception (handled).
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return _convert(data, settings)
+        except Image.DecompressionBombError as e:
+            return Rejected("too_large", str(e))
+        except UnidentifiedImageError:
+            return Rejected("not_an_image" if _looks_like_text(data) else "corrupt", "unknown format")
+        except OSError as e:
+            msg = str(e)
+            if "truncated" in msg or "premature end" in msg.lower():
+                return Rejected("truncated", msg)
+            return Rejected("corrupt", msg)
+        except (ValueError, TypeError, SyntaxError, IndexError, KeyError, EOFError, MemoryError) as e:
+            # PIL's plugins raise all of these on malformed headers.
+            return Rejected("corrupt", f"{type(e).__name__}: {e}")
+
+
+def _convert(data: bytes, s: ImageSettings) -> Converted | Rejected:
+    im = Image.open(io.BytesIO(data))
+    fmt, mode = im.format or "?", im.mode
+    w, h = im.size
+    # Cheap checks first, from the header alone.
+    if min(w, h) < s.min_size:
+        return Rejected("too_small", f"{w}x{h}")
+    if mode in GRAY_MODES:
+        return Rejected("grayscale", f"mode {mode}")
+    try:
+        orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # a broken EXIF block is not worth dropping the photo for
+        orientation = 1
+    if orientation not in range(1, 9):
+        orientation = 1
+    needs_resize = s.resize is not None and min(w, h) > s.resize
+    sof = jpeg_sof(data) if fmt == "JPEG" else None
+    passthrough = (
+        fmt == "JPEG" and mode == "RGB" and sof is not None and sof[0] in PASSTHROUGH_SOF
+        and sof[1] == 8 and sof[2] == 3 and orientation == 1 and not needs_resize
+    )
+    meta: dict[str, Any] = {"format": fmt, "mode": mode, "orig_width": w, "orig_height": h}
+    if orientation != 1:
+        meta["exif_orientation"] = orientation
+
+    if passthrough:
+        # Decode at 1/8 scale with libjpeg's DCT scaling: every entropy-coded byte is still
+        # parsed (so truncation/corruption is caught) but the grayscale check costs ~1/20.
+        im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+        im.load()
+        if is_grayscale(im, s.gray_tolerance, s.gray_fraction):
+            return Rejected("grayscale", "R=G=B")
+        meta.update(width=w, height=h, reencoded=False, changes=[])
+        return Converted(data, meta)
+
+    changes: list[str] = []
+    if fmt == "JPEG" and needs_resize:
+        # Let libjpeg skip detail we would throw away anyway, keeping >= 2x the target size so
+        # the Lanczos filter below still sees enough pixels for a sharp, alias-free result.
+        tw, th = _target_size(w, h, s.resize)  # type: ignore[arg-type]
+        im.draft(im.mode, (2 * tw, 2 * th))
+    im.load()
+    if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+        changes.append("exif_orientation")
+    im = _to_rgb(im, changes)
+    if is_grayscale(im, s.gray_tolerance, s.gray_fraction):
+        return Rejected("grayscale", "R=G=B")
+    if needs_resize:
+        im = im.resize(_target_size(*im.size, s.resize), Image.Resampling.LANCZOS)  # type: ignore[arg-type]
+        changes.append("resize")
+    if fmt != "JPEG":
+        changes.append("to_jpeg")
+    elif not changes:
+        changes.append("jpeg_variant")  # e.g. arithmetic-coded, 12-bit or odd component count
+    out = io.BytesIO()
+    # Baseline (not progressive): nvJPEG's hardware decoder on A100/H100 only takes baseline.
+    # No EXIF/ICC is copied: orientation is already applied, so readers must not rotate again.
+    im.save(out, "JPEG", quality=s.quality)
+    meta.update(width=im.width, height=im.height, reencoded=True, changes=changes)
+    return Converted(out.getvalue(), meta)

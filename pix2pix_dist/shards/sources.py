@@ -1,0 +1,200 @@
+"""Where images come from: a folder tree, a zip (e.g. COCO's train2017.zip), or skimage's photos.
+
+A source is listed once, up front, into sorted `Candidate`s (path + size, no pixels read), so
+the order, the random subset and the shuffle depend only on the file list and the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .errors import ShardError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+SAMPLE = "sample"
+MAX_KEY_LEN = 80  # "<key>.json" must fit a plain ustar name (100 bytes): no PAX/GNU headers
+
+
+@dataclass(frozen=True)
+class Candidate:
+    relpath: str
+    """Path relative to the source root (zip: the member name), '/'-separated."""
+    size: int
+    """File size in bytes (part of the source fingerprint used to resume)."""
+
+
+@dataclass
+class Source:
+    kind: str
+    """'folder', 'zip' or 'sample' (a folder: skimage's data directory)."""
+    path: Path
+    name: str
+    """Dataset name used for the default output folder: 'sample', or the folder/zip stem."""
+    candidates: list[Candidate] = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        """Hash of the file list (names and sizes): a resumed run must see the same files."""
+        h = hashlib.sha256()
+        for c in self.candidates:
+            h.update(f"{c.relpath}\t{c.size}\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
+
+def sample_dir() -> Path:
+    import skimage.data
+
+    return Path(os.path.dirname(skimage.data.__file__))
+
+
+def _is_hidden(part: str) -> bool:
+    # Dotfiles include macOS '._photo.jpg' AppleDouble junk, which has an image extension.
+    return part.startswith(".") or part == "__MACOSX"
+
+
+def _has_image_ext(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk(root: Path) -> list[Candidate]:
+    """Recursive listing that follows directory symlinks (datasets are often symlinked in)
+    without looping forever on a link cycle."""
+    out: list[Candidate] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [(root, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # unreadable folder: nothing we can list
+        for e in entries:
+            if _is_hidden(e.name):
+                continue
+            rel = f"{prefix}{e.name}"
+            try:
+                if e.is_dir(follow_symlinks=True):
+                    stack.append((Path(e.path), rel + "/"))
+                elif _has_image_ext(e.name) and e.is_file(follow_symlinks=True):
+                    out.append(Candidate(rel, e.stat(follow_symlinks=True).st_size))
+            except OSError:
+                continue  # dangling symlink and the like
+    out.sort(key=lambda c: c.relpath)
+    return out
+
+
+def _list_zip(path: Path) -> list[Candidate]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ShardError(f"cannot read zip {path}: {e}") from None
+    by_name: dict[str, Candidate] = {}
+    for info in infos:
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        if info.is_dir() or not _has_image_ext(name) or any(_is_hidden(p) for p in parts):
+            continue
+        by_name[name] = Candidate(name, info.file_size)  # a repeated name: the last one wins, like zf.read
+    return sorted(by_name.values(), key=lambda c: c.relpath)
+
+
+def open_source(spec: str | os.PathLike) -> Source:
+    """Resolve `spec` ('sample', a folder or a .zip) and list its image files."""
+    if str(spec) == SAMPLE:
+        root = sample_dir()
+        src = Source("sample", root, SAMPLE, _walk(root))
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ShardError(f"source not found: {spec}")
+        path = path.resolve()
+        if path.is_dir():
+            src = Source("folder", path, path.name or "images", _walk(path))
+        elif path.is_file() and zipfile.is_zipfile(path):
+            src = Source("zip", path, path.stem, _list_zip(path))
+        else:
+            raise ShardError(f"source must be an image folder, a .zip of images or 'sample': {spec}")
+    if not src.candidates:
+        exts = ", ".join(IMAGE_EXTENSIONS)
+        raise ShardError(f"no images in {spec} (looked for {exts}, in subfolders too)")
+    return src
+
+
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def _base_key(relpath: str, strip: int) -> str:
+    parts = relpath.replace("\\", "/").split("/")[strip:]
+    stem = str(PurePosixPath(*parts).with_suffix("")) if parts else relpath
+    # webdataset splits a name at its first '.', DALI's index is space-separated, '/' would make
+    # folders inside the tar: keep [A-Za-z0-9_-] only.
+    key = _BAD_KEY_CHARS.sub("_", stem).strip("_") or "img"
+    if len(key) > MAX_KEY_LEN:
+        key = key[: MAX_KEY_LEN - 9] + "-" + hashlib.sha1(relpath.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return key
+
+
+def _common_dir_depth(relpaths: list[str]) -> int:
+    """Number of leading folders shared by every path (COCO zips wrap all in 'train2017/')."""
+    split = [p.replace("\\", "/").split("/")[:-1] for p in relpaths]
+    depth = 0
+    for parts in zip(*split):
+        if any(p != parts[0] for p in parts):
+            break
+        depth += 1
+    return depth
+
+
+def assign_keys(sources: list[Source]) -> list[list[str]]:
+    """Sample keys for every candidate of every source, unique over all of them.
+
+    A key is the path below the shared top folder, without extension, sanitized: the COCO file
+    `train2017/000000000139.jpg` gives `000000000139`, `cats/tabby 1.png` gives `cats_tabby_1`.
+    Keys that collide (`a.jpg` and `a.png`, or the same name in train and val sources) all get a
+    suffix hashed from their source and path, so a key never depends on processing order.
+    """
+    keys: list[list[str]] = []
+    for src in sources:
+        depth = _common_dir_depth([c.relpath for c in src.candidates])
+        keys.append([_base_key(c.relpath, depth) for c in src.candidates])
+    counts: dict[str, int] = {}
+    for ks in keys:
+        for k in ks:
+            counts[k] = counts.get(k, 0) + 1
+    seen: set[str] = set()
+    for si, (src, ks) in enumerate(zip(sources, keys)):
+        for i, k in enumerate(ks):
+            if counts[k] > 1:
+                tag = f"{si}:{src.candidates[i].relpath}".encode("utf-8", "surrogateescape")
+                k = f"{k[: MAX_KEY_LEN - 9]}-{hashlib.sha1(tag).hexdigest()[:8]}"
+            n, base = 1, k
+            while k in seen:  # a hash collision on top of a name collision: practically never
+                k, n = f"{base}-{n}", n + 1
+            seen.add(k)
+            ks[i] = k
+    return keys
+
+
+class Reader:
+    """Reads a candidate's bytes. One per process: a zip is opened once, not per image."""
+
+    def __init__(self, kind: str, path: Path):
+        self.kind, self.path = kind, Path(path)
+        self._zip: zipfile.ZipFile | None = None
+
+    def read(self, relpath: str) -> bytes:
+        if self.kind == "zip":
+            if self._zip is None:
+                self._zip = zipfile.ZipFile(self.path)
+            return self._zip.read(relpath)
+        with open(self.path / relpath, "rb") as f:
+            return f.read()

@@ -1,0 +1,128 @@
+"""Streaming, deterministic, atomic tar shard writer that also produces the DALI index.
+
+Why hand-rolled headers instead of `tarfile.add`: we need each member's data offset for the
+index (known as we write, so no second pass over the tar), a sha256 computed while streaming,
+and fixed metadata (mtime/uid/gid/names/mode) so identical inputs give identical bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from .index import component, render_index
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # GNU tar and Python's tarfile pad archives to 10 KiB records
+FIXED_MTIME = 0
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable (the directory entry itself must reach the disk)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via `<name>.tmp` + fsync + rename: readers see the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _header(name: str, size: int) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = size, FIXED_MTIME, 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    # ustar only: keys are short ASCII, so no PAX/GNU extension headers that would shift offsets.
+    return ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def sample_nbytes(files: list[tuple[str, bytes]]) -> int:
+    """Bytes a sample adds to a tar (headers + padded data)."""
+    return sum(BLOCK + -(-len(d) // BLOCK) * BLOCK for _, d in files)
+
+
+class TarShard:
+    """One tar being written to `<name>.tmp`; `finish()` publishes tar + index atomically."""
+
+    def __init__(self, tar_path: Path):
+        self.tar_path = tar_path
+        self.idx_path = tar_path.with_suffix(".idx")
+        self.tmp = tar_path.with_name(tar_path.name + ".tmp")
+        self._f = open(self.tmp, "wb")
+        self._sha = hashlib.sha256()
+        self.offset = 0
+        self.samples = 0
+        self._index: list[list[str]] = []
+
+    def _write(self, b: bytes) -> None:
+        self._f.write(b)
+        self._sha.update(b)
+        self.offset += len(b)
+
+    def add(self, key: str, files: list[tuple[str, bytes]]) -> None:
+        """Append one sample: `files` are (extension, bytes) pairs, written in this order."""
+        comps = []
+        for ext, data in files:
+            name = f"{key}.{ext}"
+            self._write(_header(name, len(data)))
+            comps.append(component(ext, self.offset, len(data), name))
+            self._write(data)
+            if len(data) % BLOCK:
+                self._write(b"\0" * (BLOCK - len(data) % BLOCK))
+        self._index.append(comps)
+        self.samples += 1
+
+    def finish(self) -> dict[str, Any]:
+        """Close the archive, fsync, and rename tar then index into place. Returns its record."""
+        end = self.offset + 2 * BLOCK
+        self._write(b"\0" * (2 * BLOCK + (-end) % RECORD))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        index = render_index(self._index)
+        # The index goes first: a tar under its final name always has its index beside it.
+        atomic_write(self.idx_path, index)
+        os.replace(self.tmp, self.tar_path)
+        fsync_dir(self.tar_path.parent)
+        return {
+            "tar": self.tar_path.name,
+            "index": self.idx_path.name,
+            "samples": self.samples,
+            "bytes": self.offset,
+            "sha256": self._sha.hexdigest(),
+            "index_sha256": hashlib.sha256(index).hexdigest(),
+        }
+
+    def abort(self) -> None:
+        """Drop the unfinished tar (on error or Ctrl-C)."""
+        try:
+            self._f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()

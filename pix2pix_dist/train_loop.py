@@ -1,0 +1,398 @@
+"""The training loop, top to bottom in the order it runs: build, prepare, resume, loop, save.
+
+One iteration is one batch per process: a D step, then a G step (pix2pix's order). Progress is
+counted in iterations (`step`), which also fixes the position in the data stream, so a resumed
+run continues with exactly the batches it would have seen.
+
+DDP and the BatchNorm discriminator (see ARCHITECTURE.md): D runs twice (fake, then real) before
+one backward, so D's DDP wrapper must not broadcast buffers before each forward: that in-place
+write to BatchNorm's running statistics invalidates the first forward's saved tensors on CUDA.
+D's running statistics are never used (D always runs in training mode), so letting them differ
+per rank is harmless. In the G step, D is called *unwrapped* with its parameters frozen: no DDP
+reducer is involved, so toggling requires_grad cannot confuse gradient reduction, and no time is
+spent on D's weight gradients. G keeps buffer broadcasting: its running statistics are what
+inference uses, and they stay identical on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import (CheckpointError, load_checkpoint, load_latest, save_checkpoint,
+                          set_rng_state)
+from .config import Config, ConfigError, help_text, parse_args
+from .data import DataError, build_loader, lab_to_rgb
+from .losses import d_loss, g_gan_loss, l1_loss
+from .models import PatchDiscriminator, UNetGenerator, init_weights
+from .tracking import RunTracker, tracker_for
+
+
+@dataclass
+class TrainResult:
+    step: int
+    """Iterations done when the run ended."""
+    stopped_by_signal: bool
+    """True when SIGTERM/SIGINT ended the run early (after saving a checkpoint)."""
+    nonfinite_steps: int
+    """Iterations whose update was skipped because a loss was not finite."""
+    run_dir: Path
+    generator: nn.Module
+    """The trained generator (unwrapped, on the training device)."""
+    discriminator: nn.Module
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite losses); reported as one line."""
+
+
+class StopFlag:
+    """Turns SIGTERM/SIGINT into a flag checked between steps; a second signal acts as usual."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal = signum
+        signal.signal(signum, self._previous[signum])  # type: ignore[arg-type]
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    precision = cfg.train.mixed_precision
+    if precision != "no" and not torch.cuda.is_available():
+        # fp16 is refused on CPU and bf16 autocast there is slower than fp32 on most CPUs.
+        print(f"notice: no CUDA device; train.mixed_precision={precision} -> no")
+        precision = "no"
+    return Accelerator(mixed_precision=precision, log_with=tracker_for(cfg),
+                       project_dir=cfg.run_dir)
+
+
+def build_models(cfg: Config) -> tuple[UNetGenerator, PatchDiscriminator]:
+    m = cfg.model
+    generator = UNetGenerator(1, 2, num_downs=m.num_downs, ngf=m.ngf, norm=m.norm, dropout=m.dropout)
+    discriminator = PatchDiscriminator(3, ndf=m.ndf, n_layers=m.d_layers, norm=m.norm)
+    init_weights(generator)
+    init_weights(discriminator)
+    return generator, discriminator
+
+
+def generator_meta(cfg: Config) -> dict:
+    m = cfg.model
+    return {"in_channels": 1, "out_channels": 2, "num_downs": m.num_downs, "ngf": m.ngf,
+            "norm": m.norm, "dropout": m.dropout}
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """pix2pix schedule in steps: constant, then linear decay to zero over `decay_steps`."""
+    decay = cfg.decay_steps
+    if decay <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (cfg.train.steps - step) / decay))
+
+
+def batch_stream(loader, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches starting at iteration `start_step` of the epoch sequence.
+
+    Resuming mid-epoch replays that epoch's order (seeded per epoch) and skips the batches
+    already used; skipping decodes them, a cost of at most one epoch's input pipeline time."""
+    epoch, skip = divmod(start_step, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if i >= skip:
+                yield batch
+        skip, epoch = 0, epoch + 1
+
+
+def fixed_sample_batch(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first validation batch (deterministic), or a deterministic train batch without val."""
+    data = dataclasses.replace(cfg.data, batch_size=cfg.log.sample_count)
+    try:
+        loader = build_loader(data, "val", rank=0, world_size=1, device=device,
+                              seed=cfg.train.seed, train=False)
+    except DataError:
+        loader = build_loader(data, "train", rank=0, world_size=1, device=device,
+                              seed=cfg.train.seed, train=False)
+    return next(iter(loader))
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def train(cfg: Config) -> TrainResult:
+    accelerator = make_accelerator(cfg)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main_process = accelerator.is_main_process
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    say = accelerator.print
+
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+    from accelerate.utils import set_seed
+    set_seed(cfg.train.seed)  # identical initial weights on every rank
+
+    # --- data -----------------------------------------------------------------------------
+    loader = build_loader(cfg.data, "train", rank=rank, world_size=world, device=device,
+                          seed=cfg.train.seed)
+    sample_L, sample_ab = fixed_sample_batch(cfg, device) if main_process else (None, None)
+
+    # --- models and optimizers -------------------------------------------------------------
+    G_raw, D_raw = build_models(cfg)
+    if cfg.model.norm == "syncbatch" and world > 1:
+        G_raw = nn.SyncBatchNorm.convert_sync_batchnorm(G_raw)
+        D_raw = nn.SyncBatchNorm.convert_sync_batchnorm(D_raw)
+    memory_format = torch.channels_last if (cfg.train.channels_last and device.type == "cuda") \
+        else torch.contiguous_format
+    G_raw.to(device, memory_format=memory_format)
+    D_raw.to(device, memory_format=memory_format)
+    fused = device.type == "cuda"
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    opt_G = torch.optim.Adam(G_raw.parameters(), lr=cfg.optim.lr, betas=betas, fused=fused)
+    opt_D = torch.optim.Adam(D_raw.parameters(), lr=cfg.optim.lr, betas=betas, fused=fused)
+
+    # --- resume (before prepare: plain modules and optimizers load plain state dicts) -------
+    start_step, nonfinite, resumed_from = 0, 0, None
+    found = None
+    if cfg.ckpt.resume == "auto":
+        found = load_latest(run_dir, rank)
+    elif cfg.ckpt.resume != "never":
+        path = Path(cfg.ckpt.resume)
+        found = (path, *load_checkpoint(path, rank))
+    if found is not None:
+        resumed_from, state, rng = found
+        G_raw.load_state_dict(state["G"])
+        D_raw.load_state_dict(state["D"])
+        opt_G.load_state_dict(state["opt_G"])
+        opt_D.load_state_dict(state["opt_D"])
+        start_step, nonfinite = int(state["step"]), int(state["nonfinite"])
+        scaler_state = state.get("scaler")
+        if rng is not None:
+            set_rng_state(rng)
+        else:
+            set_seed(cfg.train.seed + start_step, device_specific=True)
+    else:
+        scaler_state = None
+        set_seed(cfg.train.seed, device_specific=True)  # different dropout noise per rank
+
+    G_fast = torch.compile(G_raw) if cfg.train.compile else G_raw
+    D_fast = torch.compile(D_raw) if cfg.train.compile else D_raw
+    G, D, opt_G, opt_D = accelerator.prepare(G_fast, D_fast, opt_G, opt_D)
+    if hasattr(D, "broadcast_buffers"):  # DDP-wrapped: see the module docstring
+        D.broadcast_buffers = False
+    if scaler_state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(scaler_state)
+
+    if main_process:
+        cfg.save(run_dir / "config.json")
+    tracker = RunTracker(accelerator, cfg, run_dir, resume_step=start_step)
+    if resumed_from is not None:
+        say(f"resumed from {resumed_from} at step {start_step}")
+    say(f"training on {world} process(es), {device.type}, batch {cfg.data.batch_size}/process, "
+        f"{len(loader)} batches/epoch, input backend {loader.backend}, run folder {run_dir}")
+
+    def save(step: int) -> Path:
+        state = {
+            "G": G_raw.state_dict(), "D": D_raw.state_dict(),
+            "opt_G": opt_G.optimizer.state_dict(), "opt_D": opt_D.optimizer.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+            "step": step, "nonfinite": nonfinite,
+        }
+        return save_checkpoint(run_dir, step, state, G_raw, generator_meta(cfg), rank=rank,
+                               barrier=accelerator.wait_for_everyone, keep=cfg.ckpt.keep)
+
+    def log_samples(step: int) -> None:
+        if not main_process:
+            return
+        G_raw.eval()
+        with torch.no_grad(), accelerator.autocast():
+            fake = G_raw(sample_L.contiguous(memory_format=memory_format)).float()
+        G_raw.train()
+        tracker.log_grid(step, lab_to_rgb(sample_L, torch.zeros_like(sample_ab)),
+                         lab_to_rgb(sample_L, fake), lab_to_rgb(sample_L, sample_ab))
+
+    if start_step >= cfg.train.steps:
+        say(f"already trained {start_step} of {cfg.train.steps} steps; nothing to do")
+        tracker.close()
+        return TrainResult(start_step, False, nonfinite, run_dir, G_raw, D_raw)
+
+    # --- the loop ---------------------------------------------------------------------------
+    data = batch_stream(loader, start_step)
+    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+    images_per_step = cfg.data.batch_size * world
+    progress = _progress_bar(main_process, start_step, cfg.train.steps)
+    tick_start, data_wait, tick_steps = time.perf_counter(), 0.0, 0
+    step, stopped = start_step, False
+    with StopFlag() as stop:
+        while step < cfg.train.steps:
+            lr = cfg.optim.lr * lr_factor(step, cfg)
+            for opt in (opt_G, opt_D):
+                for group in opt.param_groups:
+                    group["lr"] = lr
+
+            t0 = time.perf_counter()
+            L, ab = next(data)
+            data_wait += time.perf_counter() - t0
+            L = L.contiguous(memory_format=memory_format)
+            ab = ab.contiguous(memory_format=memory_format)
+
+            # D step: real pairs -> 1, generated pairs -> 0; the loss is halved as in pix2pix.
+            with accelerator.autocast():
+                fake_ab = G(L)
+                pred_fake = D(torch.cat([L, fake_ab.detach()], dim=1))
+                pred_real = D(torch.cat([L, ab], dim=1))
+            loss_D_real, loss_D_fake = d_loss(cfg.optim.gan_mode, pred_real, pred_fake)
+            loss_D = 0.5 * (loss_D_real + loss_D_fake)
+            # Backward even when the loss is not finite: every rank must join the same
+            # gradient all-reduce; the update is then skipped on all ranks together.
+            accelerator.backward(loss_D)
+            d_ok = _all_finite(accelerator, loss_D)
+            if d_ok:
+                opt_D.step()
+            opt_D.zero_grad(set_to_none=True)
+
+            # G step: fool the (frozen, unwrapped) D and stay close to the truth in L1.
+            set_requires_grad(D_raw, False)
+            with accelerator.autocast():
+                pred = D_fast(torch.cat([L, fake_ab], dim=1))
+            loss_G_gan = g_gan_loss(cfg.optim.gan_mode, pred)
+            loss_G_l1 = l1_loss(fake_ab, ab)
+            loss_G = loss_G_gan + cfg.optim.lambda_l1 * loss_G_l1
+            accelerator.backward(loss_G)
+            set_requires_grad(D_raw, True)
+            g_ok, stop_requested = _all_finite(accelerator, loss_G, stop.signal is not None)
+            if g_ok:
+                opt_G.step()
+            opt_G.zero_grad(set_to_none=True)
+
+            step += 1
+            tick_steps += 1
+            if not (d_ok and g_ok):
+                nonfinite += 1
+                say(f"warning: non-finite loss at step {step} (D {loss_D.item():.4g}, "
+                    f"G {loss_G.item():.4g}); update skipped ({nonfinite} so far)")
+                if nonfinite >= cfg.train.max_nonfinite:
+                    raise TrainingError(
+                        f"{nonfinite} steps had non-finite losses (train.max_nonfinite="
+                        f"{cfg.train.max_nonfinite}); stopping. Try train.mixed_precision=bf16 or "
+                        f"a lower optim.lr, and resume from the last checkpoint")
+            else:
+                for key, value in (("loss/D_real", loss_D_real), ("loss/D_fake", loss_D_fake),
+                                   ("loss/G_GAN", loss_G_gan), ("loss/G_L1", loss_G_l1)):
+                    sums[key] += value.detach()
+                sums["n"] += 1
+
+            if progress is not None:
+                progress.update(1)
+            if step % cfg.log.every == 0 or step == cfg.train.steps or stop_requested:
+                elapsed = time.perf_counter() - tick_start
+                n = max(sums.pop("n").item(), 1) if "n" in sums else 1
+                scalars = {k: v.item() / n for k, v in sums.items()}
+                scalars.update({
+                    "lr": lr, "epoch": step / len(loader), "nonfinite_steps": nonfinite,
+                    "perf/images_per_s": tick_steps * images_per_step / elapsed,
+                    "perf/data_wait_frac": data_wait / elapsed,
+                })
+                if device.type == "cuda":
+                    scalars["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                tracker.log_scalars(step, scalars)
+                _show(progress, say, step, cfg.train.steps, scalars)
+                sums.clear()
+                tick_start, data_wait, tick_steps = time.perf_counter(), 0.0, 0
+            if step % cfg.log.sample_every == 0 or step == cfg.train.steps:
+                log_samples(step)
+            if stop_requested:
+                stopped = True
+                break
+            if step % cfg.ckpt.every == 0 and step < cfg.train.steps:
+                save(step)
+
+        path = save(step)
+    if progress is not None:
+        progress.close()
+    tracker.close()
+    if stopped:
+        say(f"stopped by signal at step {step}; checkpoint {path}. "
+            f"Run the same command again to resume (ckpt.resume=auto).")
+    else:
+        say(f"done: {step} steps; checkpoint {path}; generator {run_dir / 'generator.safetensors'}")
+    return TrainResult(step, stopped, nonfinite, run_dir, G_raw, D_raw)
+
+
+def _all_finite(accelerator, loss: torch.Tensor, stop: bool | None = None):
+    """Whether `loss` is finite on every rank (one small all-reduce); with `stop`, also whether
+    any rank was asked to stop, so that all ranks leave the loop at the same step."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                         torch.tensor(float(bool(stop)), device=loss.device)])
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    bad, stop_any = (flags > 0).tolist()
+    return (not bad) if stop is None else (not bad, stop_any)
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+    """A tqdm bar on a terminal; elsewhere (logs, CI) the periodic status line is enough."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def _show(progress, say, step: int, total: int, scalars: dict[str, float]) -> None:
+    brief = (f"D {scalars.get('loss/D_real', math.nan) + scalars.get('loss/D_fake', math.nan):.3f} "
+             f"G {scalars.get('loss/G_GAN', math.nan):.3f} L1 {scalars.get('loss/G_L1', math.nan):.4f} "
+             f"{scalars['perf/images_per_s']:.1f} img/s data {100 * scalars['perf/data_wait_frac']:.0f}%")
+    if progress is not None:
+        progress.set_postfix_str(brief, refresh=False)
+    else:
+        say(f"step {step}/{total}  {brief}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text())
+        return 0
+    try:
+        cfg = parse_args(argv)
+        train(cfg)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C while the checkpoint was being written
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

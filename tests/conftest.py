@@ -1,0 +1,44 @@
+"""Shared fixtures: real shards built from the photos that ship with scikit-image."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory) -> Path:
+    """scikit-image's colour photos as shards (resized small so CPU tests stay fast)."""
+    from pix2pix_dist.shards import ShardOptions, build_shards
+
+    out = tmp_path_factory.mktemp("sample_shards")
+    build_shards(ShardOptions(source="sample", output=out, val_fraction=0.2, shard_size="4",
+                              seed=0, workers=2, progress=False, resize=96))
+    return out
+
+
+def run_python(args: list[str], *, cwd: Path = REPO, timeout: float = 600,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python <args>` like a user would, without credentials or a terminal."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
+    full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip cleanly (with a reason) on machines without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,163 @@
+"""End-to-end training on real shards: outputs, tracking, resume, DDP, failure handling.
+
+Every run is a subprocess started the way users start it (`python train.py ...` or
+`accelerate launch`), so each has a fresh Accelerate state and real signal handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_python
+from pix2pix_dist.checkpoints import list_checkpoints, load_generator
+from wandb_records import find_run_file, history_rows
+
+TINY = ["data.load_size=64", "data.crop_size=64", "model.num_downs=6", "model.ngf=16",
+        "model.ndf=16", "data.batch_size=2", "data.num_threads=1", "data.shuffle_buffer=16",
+        "log.sample_count=2", "train.mixed_precision=no"]
+
+
+def stats(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def demo_run(sample_shards, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """Over-fit the sample photos for a few dozen steps with the wandb tracker (offline)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "demo"
+    home = tmp_path_factory.mktemp("home")  # no ~/.netrc: wandb must go offline by itself
+    proc = run_python(["train.py", *TINY, f"data.shards={sample_shards}", f"run_dir={run_dir}",
+                       "train.steps=60", "log.every=5", "log.sample_every=30", "ckpt.every=20",
+                       "ckpt.keep=2", "log.tracker=wandb", "optim.lr=1e-3", "model.dropout=false",
+                       "data.flip=false"], env={"HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_demo_run_leaves_checkpoints_generator_grid_and_config(demo_run):
+    run_dir, proc = demo_run
+    assert "done: 60 steps" in proc.stdout
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000040", "step-00000060"]
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+    generator = load_generator(run_dir / "generator.safetensors")
+    with torch.no_grad():
+        assert generator(torch.zeros(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+    assert (run_dir / "samples" / "latest.png").is_file()
+    assert len(list((run_dir / "samples").glob("step-*.png"))) == 2  # steps 30 and 60
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["train"]["steps"] == 60 and saved["model"]["ngf"] == 16
+
+
+def test_overfitting_a_few_photos_lowers_l1_clearly(demo_run):
+    rows = stats(demo_run[0])
+    assert [r["step"] for r in rows] == list(range(5, 61, 5))
+    first, last = rows[0]["loss/G_L1"], min(r["loss/G_L1"] for r in rows[-3:])
+    assert last < 0.6 * first, (first, last)
+    assert all(r["nonfinite_steps"] == 0 and r["perf/images_per_s"] > 0 for r in rows)
+
+
+def test_offline_wandb_run_holds_losses_and_sample_grid(demo_run):
+    run_dir, proc = demo_run
+    rows = history_rows(find_run_file(run_dir))
+    keys = set().union(*rows)
+    assert {"loss/D_real", "loss/D_fake", "loss/G_GAN", "loss/G_L1", "lr",
+            "perf/images_per_s", "perf/data_wait_frac"} <= keys
+    l1 = [r["loss/G_L1"] for r in rows if "loss/G_L1" in r]
+    assert l1 == pytest.approx([r["loss/G_L1"] for r in stats(run_dir)], rel=1e-6)
+    images = [r for r in rows if r.get("samples/_type") == "image-file"]
+    assert len(images) == 2 and images[0]["samples/path"].startswith("media/images/")
+    assert "wandb sync" in proc.stdout  # offline, and the user is told how to upload
+
+
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(sample_shards, tmp_path):
+    args = ["train.py", *TINY, f"data.shards={sample_shards}", "train.steps=40", "log.every=1",
+            "log.sample_every=1000", "ckpt.every=1000", "log.tracker=none",
+            "train.deterministic=true"]
+    straight = run_python([*args, f"run_dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    interrupted = tmp_path / "interrupted"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen([sys.executable, *args, f"run_dir={interrupted}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (interrupted / "stats.jsonl").exists() and len(stats(interrupted)) >= 8:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by signal" in out
+    [ckpt] = list_checkpoints(interrupted)
+    stopped_at = int(ckpt.name.split("-")[1])
+    assert 8 <= stopped_at < 40
+
+    resumed = run_python([*args, f"run_dir={interrupted}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {ckpt} at step {stopped_at}" in resumed.stdout
+    a = load_file(tmp_path / "straight" / "generator.safetensors")
+    b = load_file(interrupted / "generator.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["step"] for r in stats(interrupted)] == list(range(1, 41))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_keep_identical_weights_on_disjoint_data(sample_shards, tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")})
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", str(_free_port()), "tests/ddp_worker.py", str(tmp_path), *TINY,
+         f"data.shards={sample_shards}", f"run_dir={tmp_path / 'run'}", "train.steps=6",
+         "log.every=3", "log.sample_every=6", "ckpt.every=3", "log.tracker=none"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    views = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [v["world"] for v in views] == [2, 2] and [v["step"] for v in views] == [6, 6]
+    assert views[0]["batches"] == views[1]["batches"] > 0
+    assert not set(views[0]["batch_sums"]) & set(views[1]["batch_sums"])  # different images
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key, value in states[0]["G"].items():  # parameters and BatchNorm statistics
+        assert torch.equal(value, states[1]["G"][key]), key
+    for key, value in states[0]["D"].items():
+        if "running" not in key and "num_batches" not in key:  # D's BN stats are per rank
+            assert torch.equal(value, states[1]["D"][key]), key
+    initial = load_generator(tmp_path / "run" / "checkpoints" / "step-00000003" / "generator.safetensors")
+    assert any(not torch.equal(p, states[0]["G"][k]) for k, p in initial.state_dict().items())
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(sample_shards, tmp_path):
+    proc = run_python(["train.py", *TINY, f"data.shards={sample_shards}",
+                       f"run_dir={tmp_path / 'run'}", "train.steps=50", "optim.lr=1e38",
+                       "train.max_nonfinite=3", "log.tracker=none"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 3 steps had non-finite losses")
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.count("update skipped") == 3
+
+
+def test_missing_shards_is_one_line_error(tmp_path):
+    proc = run_python(["train.py", *TINY, f"data.shards={tmp_path / 'nothing'}",
+                       f"run_dir={tmp_path / 'run'}", "log.tracker=none"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(tmp_path / "nothing") in proc.stderr and "make shards" in proc.stderr
