@@ -95,7 +95,8 @@ class TrainConfig:
     seed: int = 0
     """Seed for weights, augmentation and shuffling."""
     deterministic: bool = False
-    """Deterministic algorithms and no dropout randomness across resumes (slower; for tests)."""
+    """Deterministic algorithms, and data epochs that depend only on (seed, epoch), so a resumed
+    run ends with the same weights as an uninterrupted one (slower; for debugging and tests)."""
     max_nonfinite: int = 50
     """Stop the run with an error after this many steps with a non-finite loss (each is skipped)."""
 

@@ -2,8 +2,7 @@
 
 Whatever the tracker, the run folder always gets `stats.jsonl` (one JSON line per scalar log)
 and `samples/step-NNNNNN.png` grids, so a run can be inspected without any tracker.
-Only the main process does anything; on other ranks every method is a no-op (except `close`,
-which every rank must call; see there).
+Only the main process does anything; on other ranks every method is a no-op.
 
 Usage (the Accelerator needs a project_dir because Accelerate insists on a logging directory
 for tensorboard when it is constructed):
@@ -24,7 +23,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -33,6 +32,9 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from pix2pix_dist.config import Config
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 GRID_PADDING = 2
 """Pixels of white padding around and between the tiles of a sample grid."""
@@ -46,7 +48,8 @@ def tracker_for(cfg: Config) -> str | None:
 class RunTracker:
     """Scalars and sample grids of one run, sent to the tracker and kept in the run folder."""
 
-    def __init__(self, accelerator: Any, cfg: Config, run_dir: Path, resume_step: int = 0) -> None:
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path,
+                 resume_step: int = 0) -> None:
         self.accelerator = accelerator
         self.kind = cfg.log.tracker
         self.run_dir = Path(run_dir)
@@ -56,9 +59,6 @@ class RunTracker:
         if not self.is_main:
             return
         self.samples_dir.mkdir(parents=True, exist_ok=True)
-        # A resumed run repeats the steps after its checkpoint: drop their old lines first.
-        _truncate_stats(self.stats_path, resume_step)
-
         init_kwargs: dict[str, dict[str, Any]] = {}
         if self.kind == "wandb":
             init_kwargs["wandb"] = self._wandb_init_kwargs(resume_step)
@@ -71,6 +71,9 @@ class RunTracker:
                                       config=_flatten(cfg.to_dict()), init_kwargs=init_kwargs)
         if self.kind == "wandb":
             _announce_wandb_run(accelerator.get_tracker("wandb", unwrap=True))
+        # A resumed run repeats the steps after its checkpoint: drop their old lines (once the
+        # tracker has started, so a run that fails to start leaves the file as it was).
+        _truncate_stats(self.stats_path, resume_step)
 
     def _wandb_init_kwargs(self, resume_step: int) -> dict[str, Any]:
         # Resuming continues the same wandb run; a fresh start (step 0) gets a new id, since
@@ -137,9 +140,21 @@ class RunTracker:
         return path
 
     def close(self) -> None:
-        """Finish the trackers (main process). Call it last, on every process: Accelerate's
-        end_training also destroys the process group."""
-        self.accelerator.end_training()
+        """Finish the trackers so that the run folder is complete.
+
+        Not `accelerator.end_training()`: that also destroys the process group, which belongs
+        to the caller (it may still need collectives after the run is logged).
+        """
+        if not self.is_main:
+            return
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        if self.kind == "wandb":
+            import wandb
+
+            # run.finish() returns before wandb's service has written the end of the .wandb
+            # file; teardown waits for it.
+            wandb.teardown()
 
 
 def _wandb_credentials_configured() -> bool:

@@ -162,12 +162,15 @@ def train(cfg: Config) -> TrainResult:
 
     # --- data -----------------------------------------------------------------------------
     loader = build_loader(cfg.data, "train", rank=rank, world_size=world, device=device,
-                          seed=cfg.train.seed)
+                          seed=cfg.train.seed, exact_epochs=cfg.train.deterministic)
     sample_L, sample_ab = fixed_sample_batch(cfg, device) if main_process else (None, None)
 
     # --- models and optimizers -------------------------------------------------------------
     G_raw, D_raw = build_models(cfg)
     if cfg.model.norm == "syncbatch" and world > 1:
+        if device.type == "cpu":
+            raise ConfigError("model.norm=syncbatch needs GPUs (torch's SyncBatchNorm has no CPU "
+                              "kernel); use model.norm=batch")
         G_raw = nn.SyncBatchNorm.convert_sync_batchnorm(G_raw)
         D_raw = nn.SyncBatchNorm.convert_sync_batchnorm(D_raw)
     memory_format = torch.channels_last if (cfg.train.channels_last and device.type == "cuda") \

@@ -195,13 +195,19 @@ def test_credentials_from_env_or_netrc(tmp_path, monkeypatch):
 
 
 def test_non_main_process_does_nothing(tmp_path):
-    closed = []
-    accelerator = types.SimpleNamespace(is_main_process=False,
-                                        end_training=lambda: closed.append(True))
-    cfg = Config()
-    tracker = RunTracker(accelerator, cfg, tmp_path / "run", resume_step=0)
+    accelerator = types.SimpleNamespace(is_main_process=False)  # any tracker call would fail
+    tracker = RunTracker(accelerator, Config(), tmp_path / "run", resume_step=0)
     tracker.log_scalars(1, {"loss": 1.0})
     tracker.log_grid(1, *sample_batch())
     tracker.close()
     assert not (tmp_path / "run").exists()
-    assert closed == [True]  # every rank ends training (it tears down the process group)
+
+
+def test_close_leaves_the_process_group_to_the_caller(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}",
+                                         rank=0, world_size=1)
+    try:
+        make_tracker(tmp_path / "run", "none").close()
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()

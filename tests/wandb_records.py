@@ -40,14 +40,15 @@ def read_records(path: str | Path) -> list[wandb_internal_pb2.Record]:
             continue
         if pos + CHUNK_HEADER.size > len(data):
             raise ValueError(f"{path}: truncated chunk header at byte {pos}")
+        chunk_pos = pos
         crc, length, kind = CHUNK_HEADER.unpack_from(data, pos)
-        start = pos + CHUNK_HEADER.size
-        chunk = data[start:start + length]
+        pos += CHUNK_HEADER.size
+        chunk = data[pos:pos + length]
+        pos += length
         if len(chunk) != length or length > left_in_block - CHUNK_HEADER.size:
-            raise ValueError(f"{path}: chunk at byte {pos} overruns its block or the file")
+            raise ValueError(f"{path}: chunk at byte {chunk_pos} overruns its block or the file")
         if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc:
-            raise ValueError(f"{path}: checksum mismatch in chunk at byte {pos}")
-        pos = start + length
+            raise ValueError(f"{path}: checksum mismatch in chunk at byte {chunk_pos}")
 
         if kind == FULL and pending is None:
             records.append(_parse(chunk))
@@ -59,7 +60,7 @@ def read_records(path: str | Path) -> list[wandb_internal_pb2.Record]:
                 records.append(_parse(bytes(pending)))
                 pending = None
         else:
-            raise ValueError(f"{path}: unexpected chunk type {kind} at byte {pos - length - 7}")
+            raise ValueError(f"{path}: unexpected chunk type {kind} at byte {chunk_pos}")
     if pending is not None:
         raise ValueError(f"{path}: file ends inside a record")
     return records

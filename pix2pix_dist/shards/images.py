@@ -20,6 +20,7 @@ GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 # sequential (C1) and progressive (C2) Huffman. Arithmetic-coded or lossless JPEGs get re-encoded.
 PASSTHROUGH_SOF = {0xC0, 0xC1, 0xC2}
 EXIF_ORIENTATION = 0x0112
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,9 @@ def convert_image(data: bytes, settings: ImageSettings) -> Converted | Rejected:
         except Image.DecompressionBombError as e:
             return Rejected("too_large", str(e))
         except UnidentifiedImageError:
+            if data.startswith(_IMAGE_MAGIC) or data[8:12] == b"WEBP":
+                # An image format PIL knows, in a variant it cannot read (e.g. float64 TIFF).
+                return Rejected("unsupported", "image format variant PIL cannot read")
             return Rejected("not_an_image" if _looks_like_text(data) else "corrupt", "unknown format")
         except OSError as e:
             msg = str(e)

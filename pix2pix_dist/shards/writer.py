@@ -37,11 +37,15 @@ def fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write via `<name>.tmp` + fsync + rename: readers see the old file or the new, never half."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # includes Ctrl-C: leave no half-written .tmp behind
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -67,6 +71,7 @@ class TarShard:
         self.tar_path = tar_path
         self.idx_path = tar_path.with_suffix(".idx")
         self.tmp = tar_path.with_name(tar_path.name + ".tmp")
+        self.idx_tmp = self.idx_path.with_name(self.idx_path.name + ".tmp")
         self._f = open(self.tmp, "wb")
         self._sha = hashlib.sha256()
         self.offset = 0
@@ -92,17 +97,19 @@ class TarShard:
         self.samples += 1
 
     def finish(self) -> dict[str, Any]:
-        """Close the archive, fsync, and rename tar then index into place. Returns its record."""
+        """Close the archive and write the index, both still as `.tmp` and fsynced; return the
+        shard's record. The caller records it durably, then calls `publish()`: a shard under its
+        final name is therefore always known (with its sha256) to the progress file."""
         end = self.offset + 2 * BLOCK
         self._write(b"\0" * (2 * BLOCK + (-end) % RECORD))
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
         index = render_index(self._index)
-        # The index goes first: a tar under its final name always has its index beside it.
-        atomic_write(self.idx_path, index)
-        os.replace(self.tmp, self.tar_path)
-        fsync_dir(self.tar_path.parent)
+        with open(self.idx_tmp, "wb") as f:
+            f.write(index)
+            f.flush()
+            os.fsync(f.fileno())
         return {
             "tar": self.tar_path.name,
             "index": self.idx_path.name,
@@ -112,12 +119,19 @@ class TarShard:
             "index_sha256": hashlib.sha256(index).hexdigest(),
         }
 
+    def publish(self) -> None:
+        """Rename index then tar into place (a final-named tar always has its index beside it)."""
+        os.replace(self.idx_tmp, self.idx_path)
+        os.replace(self.tmp, self.tar_path)
+        fsync_dir(self.tar_path.parent)
+
     def abort(self) -> None:
-        """Drop the unfinished tar (on error or Ctrl-C)."""
+        """Drop the unfinished or unpublished tar (on error or Ctrl-C)."""
         try:
             self._f.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+            self.idx_tmp.unlink(missing_ok=True)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -1,0 +1,114 @@
+"""The input pipeline's entry point: pick a backend, size the epoch, turn uint8 RGB into Lab."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from ..config import DataConfig
+from .errors import DataError
+from .lab import uint8_to_lab
+from .sampling import batches_per_epoch
+from .shards_index import find_shards
+
+
+class _Batches(Protocol):
+    skipped: int
+
+    def batches(self, epoch: int, count: int, with_keys: bool = False
+                ) -> Iterator[tuple[Tensor, list[str] | None]]: ...
+
+
+class Loader:
+    """Batches of (L, ab) for one rank: L (B,1,S,S) = L/50-1, ab (B,2,S,S) = ab/110, float32,
+    contiguous, on the device. len() is the same on every rank. Each iter() is one epoch; it
+    uses the epoch given to set_epoch(), else the one after the previous iter()."""
+
+    def __init__(self, impl: _Batches, backend: str, num_batches: int) -> None:
+        self._impl, self.backend, self._num_batches = impl, backend, num_batches
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt samples skipped so far, counted each time one is met (always 0 for DALI,
+        which raises DataError instead)."""
+        return self._impl.skipped
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for L, ab, _ in self._epoch_batches(with_keys=False):
+            yield L, ab
+
+    def iter_with_keys(self) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
+        """Like iter(), plus each sample's `<shard file>/<key>` (tests and debugging; for DALI
+        this rebuilds the pipeline with an extra output)."""
+        yield from self._epoch_batches(with_keys=True)
+
+    def _epoch_batches(self, with_keys: bool) -> Iterator[tuple[Tensor, Tensor, list[str] | None]]:
+        epoch, self._epoch = self._epoch, self._epoch + 1
+        for rgb, keys in self._impl.batches(epoch, self._num_batches, with_keys):
+            L, ab = uint8_to_lab(rgb)
+            yield L, ab, keys
+
+
+_notice_shown = False
+
+
+def _pick_backend(requested: str, rank: int) -> str:
+    global _notice_shown
+    has_dali = _can_import_dali()
+    if requested == "dali" and not has_dali:
+        raise DataError("data.backend=dali but NVIDIA DALI is not installed; "
+                        "pip install nvidia-dali-cuda130 (or -cuda120), or set data.backend=torch")
+    if requested == "auto" and not has_dali:
+        if rank == 0 and not _notice_shown:
+            print("note: NVIDIA DALI is not installed; using the torch input pipeline "
+                  "(webdataset + DataLoader), which is slower", flush=True)
+            _notice_shown = True
+        return "torch"
+    return "torch" if requested == "torch" else "dali"
+
+
+def _can_import_dali() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_loader(cfg: DataConfig, split: str, *, rank: int, world_size: int,
+                 device: torch.device, seed: int, train: bool | None = None,
+                 exact_epochs: bool = False) -> Loader:
+    """The loader of `split` for process `rank` of `world_size`.
+
+    `train` (default: split == "train") turns on augmentation (resize shorter side to
+    load_size + random crop, or a random-resized crop; random flip) and shuffling; otherwise
+    images are resized to crop_size on the shorter side and centre-cropped, in a fixed order,
+    so every pass gives the same batches. With `exact_epochs`, epoch k's order depends only on
+    (seed, k, rank) on every backend (DALI then rebuilds its pipeline each epoch), so a resumed
+    run replays exactly. Raises DataError for missing or too few shards.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    device = torch.device(device)
+    train = split == "train" if train is None else train
+    shards = find_shards(Path(cfg.shards), split)
+    num_batches = batches_per_epoch(shards.total, world_size, cfg.batch_size,
+                                    where=f"the {split} split of {shards.root}")
+    backend = _pick_backend(cfg.backend, rank)
+    kwargs = dict(train=train, rank=rank, world_size=world_size, device=device, seed=seed)
+    if backend == "dali":
+        from .dali_pipeline import DaliBatches
+        return Loader(DaliBatches(shards, cfg, exact_epochs=exact_epochs, **kwargs), "dali", num_batches)
+    from .torch_pipeline import TorchBatches
+    return Loader(TorchBatches(shards, cfg, **kwargs), "torch", num_batches)

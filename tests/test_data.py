@@ -1,0 +1,255 @@
+"""Input pipeline on the CPU: both backends on the same shards, sharding, epochs, errors.
+
+Most tests use small shards written here (crops of scikit-image's photos), so counts and
+corrupt samples are under control; one test reads the real shard writer's output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from pix2pix_dist.config import DataConfig
+from pix2pix_dist.data import DataError, build_loader
+
+BACKENDS = ["dali", "torch"]
+CPU = torch.device("cpu")
+PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
+          "immunohistochemistry", "retina", "colorwheel"]
+
+
+def write_shards(out: Path, split: str, count: int, per_shard: int, *, corrupt: tuple[int, ...] = (),
+                 index: bool = True, manifest: bool = True) -> Path:
+    """`count` JPEG samples (random crops of the photos, 80-140 px) as {split}-NNNNNN.tar,
+    optionally with wds2idx index files and a manifest; samples in `corrupt` are truncated."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(split))
+    photos = [getattr(skimage.data, name)() for name in PHOTOS]
+    entries = []
+    for first in range(0, count, per_shard):
+        tar = out / f"{split}-{first // per_shard:06d}.tar"
+        with tarfile.open(tar, "w") as tf:
+            for i in range(first, min(count, first + per_shard)):
+                photo = photos[i % len(photos)]
+                h, w = photo.shape[:2]
+                ch, cw = int(h * rng.uniform(0.5, 0.9)), int(w * rng.uniform(0.5, 0.9))
+                y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+                size = (int(rng.integers(80, 140)), int(rng.integers(80, 140)))
+                buf = io.BytesIO()
+                Image.fromarray(photo[y:y + ch, x:x + cw]).resize(size).save(buf, "JPEG", quality=90)
+                jpg = buf.getvalue()[:300] if i in corrupt else buf.getvalue()
+                for ext, data in (("jpg", jpg), ("json", json.dumps({"i": i}).encode())):
+                    member = tarfile.TarInfo(f"{split}{i:05d}.{ext}")
+                    member.size = len(data)
+                    tf.addfile(member, io.BytesIO(data))
+        if index:
+            subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tar.with_suffix(".idx"))],
+                           check=True, capture_output=True)
+        entries.append({"tar": tar.name, "index": tar.with_suffix(".idx").name if index else None,
+                        "samples": min(count, first + per_shard) - first})
+    if manifest:
+        path = out / "manifest.json"
+        data = json.loads(path.read_text()) if path.exists() else {
+            "format": "pix2pix_dist-shards/1", "splits": {}, "skipped": {}}
+        data["splits"][split] = {"samples": count, "shards": entries}
+        path.write_text(json.dumps(data))
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data_shards")
+    write_shards(out, "train", 23, per_shard=8)  # 23: ranks of world 2 get 11 and 12 samples
+    write_shards(out, "val", 12, per_shard=8)
+    return out
+
+
+def config(root: Path, backend: str, **kw) -> DataConfig:
+    base = dict(shards=str(root), backend=backend, batch_size=4, load_size=72, crop_size=64,
+                num_threads=2, shuffle_buffer=16, prefetch=2)
+    return DataConfig(**{**base, **kw})
+
+
+def loader(root: Path, backend: str, split: str = "train", rank: int = 0, world: int = 1,
+           seed: int = 0, train: bool | None = None, **kw):
+    return build_loader(config(root, backend, **kw), split, rank=rank, world_size=world,
+                        device=CPU, seed=seed, train=train)
+
+
+def epoch(ld, with_keys: bool = False) -> list:
+    return list(ld.iter_with_keys() if with_keys else ld)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rrc", [False, True])
+def test_batches_have_the_promised_form(shards, backend, rrc):
+    ld = loader(shards, backend, random_resized_crop=rrc)
+    assert ld.backend == backend and len(ld) == 23 // 4
+    batches = epoch(ld)
+    assert len(batches) == len(ld)
+    for L, ab in batches:
+        assert L.shape == (4, 1, 64, 64) and ab.shape == (4, 2, 64, 64)
+        assert L.dtype == ab.dtype == torch.float32 and L.device == ab.device == CPU
+        assert L.is_contiguous() and ab.is_contiguous()
+        assert L.min() >= -1 and L.max() <= 1 and ab.abs().max() <= 1
+        assert L.std() > 0.05 and ab.std() > 0.01  # real photos, not padding
+
+
+def _stats(batches) -> torch.Tensor:
+    L = torch.cat([b[0] for b in batches])
+    ab = torch.cat([b[1] for b in batches])
+    return torch.stack([L.mean(), L.std(), ab[:, 0].mean(), ab[:, 1].mean(), ab.std()])
+
+
+def test_backends_agree_on_the_same_shards(shards):
+    """Validation is deterministic in both: same samples, near-identical Lab (the resize
+    kernels differ slightly), training statistics close."""
+    val = {b: epoch(loader(shards, b, "val"), with_keys=True) for b in BACKENDS}
+    keys = {b: sorted(k for batch in val[b] for k in batch[2]) for b in BACKENDS}
+    assert keys["dali"] == keys["torch"] and len(keys["dali"]) == 12
+    images = {b: {k: (L[i], ab[i]) for L, ab, ks in val[b] for i, k in enumerate(ks)} for b in BACKENDS}
+    for key, (L, ab) in images["dali"].items():
+        L_t, ab_t = images["torch"][key]
+        assert (L.mean() - L_t.mean()).abs() < 0.01, key  # 0.5 L units
+        assert (ab.mean((1, 2)) - ab_t.mean((1, 2))).abs().max() < 0.015, key  # 1.6 ab units
+        assert (L - L_t).abs().mean() < 0.08 and (ab - ab_t).abs().mean() < 0.03, key
+    train = {b: _stats(epoch(loader(shards, b, "train"))) for b in BACKENDS}
+    assert (train["dali"] - train["torch"]).abs().max() < 0.08, train
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_read_disjoint_parts_with_equal_batch_counts(shards, backend):
+    ranks = [loader(shards, backend, rank=r, world=2) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 23 // (2 * 4)
+    seen: list[set[str]] = [set(), set()]
+    for _ in range(2):  # the split holds across epochs, not only the first
+        for r, ld in enumerate(ranks):
+            batches = epoch(ld, with_keys=True)
+            assert len(batches) == len(ld)
+            seen[r] |= {k for _, _, keys in batches for k in keys}
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    # DALI's sharding: rank 0 reads the first 11 of the 23 samples in shard order.
+    assert all(int(k[-5:]) < 11 for k in seen[0]) and all(int(k[-5:]) >= 11 for k in seen[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_validation_is_identical_every_pass(shards, backend):
+    first = epoch(loader(shards, backend, "val"))
+    again = loader(shards, backend, "val")
+    for run in (epoch(again), epoch(again)):  # a new loader, then a second pass of it
+        assert len(run) == len(first) == 3
+        for (L, ab), (L2, ab2) in zip(first, run):
+            assert torch.equal(L, L2) and torch.equal(ab, ab2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_epochs_differ_and_repeat_from_the_seed(shards, backend):
+    ld = loader(shards, backend, seed=3)
+    epoch0, epoch1 = epoch(ld), epoch(ld)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(epoch0, epoch1))
+    fresh = loader(shards, backend, seed=3)
+    fresh.set_epoch(0)
+    for (L, ab), (L2, ab2) in zip(epoch0, epoch(fresh)):
+        assert torch.equal(L, L2) and torch.equal(ab, ab2)
+    other_seed = epoch(loader(shards, backend, seed=4))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(epoch0, other_seed))
+
+
+def test_torch_backend_reproduces_any_epoch(shards):
+    ld = loader(shards, "torch", seed=1)
+    epochs = [epoch(ld) for _ in range(3)]
+    fresh = loader(shards, "torch", seed=1)
+    fresh.set_epoch(2)
+    for (L, _), (L2, _) in zip(epochs[2], epoch(fresh)):
+        assert torch.equal(L, L2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missing_shards_name_the_path(tmp_path, backend):
+    for root in (tmp_path / "absent", tmp_path):
+        with pytest.raises(DataError, match="make shards") as err:
+            loader(root, backend)
+        assert str(root) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_too_few_samples_gives_the_numbers(shards, backend):
+    with pytest.raises(DataError, match=r"12 samples.* 2 x 8 = 16"):
+        loader(shards, backend, "val", world=2, batch_size=8)
+
+
+def test_folder_without_manifest_or_index(tmp_path):
+    write_shards(tmp_path, "train", 10, per_shard=4, index=False, manifest=False)
+    for backend in BACKENDS:
+        ld = loader(tmp_path, backend, batch_size=3)
+        assert len(ld) == 3 and len(epoch(ld)) == 3
+
+
+def test_torch_backend_skips_and_counts_corrupt_samples(tmp_path):
+    write_shards(tmp_path, "train", 14, per_shard=5, corrupt=(2, 7))
+    ld = loader(tmp_path, "torch")  # 12 good samples: exactly the 3 batches of 4 an epoch needs
+    with pytest.warns(RuntimeWarning, match=r"train00002 in shard train-000000\.tar"):
+        batches = epoch(ld, with_keys=True)
+    assert ld.skipped == 2 and len(batches) == len(ld) == 3
+    keys = {k for _, _, ks in batches for k in ks}
+    assert len(keys) == 12 and not keys & {"train-000000.tar/train00002", "train-000001.tar/train00007"}
+
+
+def test_torch_backend_tops_up_an_epoch_short_of_good_samples(tmp_path):
+    """Skips must not shorten an epoch (that would hang DDP): the rank's part is read again."""
+    write_shards(tmp_path, "train", 12, per_shard=5, corrupt=(2, 7))
+    ld = loader(tmp_path, "torch")
+    with pytest.warns(RuntimeWarning):
+        batches = epoch(ld)
+    assert len(batches) == len(ld) == 3 and ld.skipped >= 2
+
+
+def test_torch_backend_all_corrupt_ends_with_an_error(tmp_path):
+    write_shards(tmp_path, "train", 4, per_shard=4, corrupt=(0, 1, 2, 3))
+    with pytest.warns(RuntimeWarning), pytest.raises(DataError, match="too few decodable"):
+        epoch(loader(tmp_path, "torch", batch_size=2))
+
+
+def test_dali_corrupt_sample_raises_a_data_error_naming_it(tmp_path):
+    """DALI cannot skip a sample its decoder rejects: the pipeline fails, and the loader
+    reports which shard and key after a CPU scan, instead of hanging or crashing obscurely."""
+    write_shards(tmp_path, "train", 12, per_shard=5, corrupt=(7,))
+    ld = loader(tmp_path, "dali", batch_size=2)
+    with pytest.raises(DataError, match=r"train-000001\.tar/train00007 does not decode"):
+        epoch(ld)
+
+
+def test_auto_falls_back_to_torch_without_dali(shards, monkeypatch, capsys):
+    ld = loader(shards, "auto")
+    assert ld.backend == "dali"  # installed here
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed
+    monkeypatch.setattr("pix2pix_dist.data.loader._notice_shown", False)
+    assert loader(shards, "auto").backend == "torch"
+    assert loader(shards, "auto", rank=1, world=2).backend == "torch"
+    assert capsys.readouterr().out.count("DALI is not installed") == 1
+    with pytest.raises(DataError, match="nvidia-dali"):
+        loader(shards, "dali")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reads_the_shard_writers_output(sample_shards, backend):
+    train = build_loader(config(sample_shards, backend, batch_size=2), "train", rank=0,
+                         world_size=1, device=CPU, seed=0)
+    val = build_loader(config(sample_shards, backend, batch_size=2), "val", rank=0,
+                       world_size=1, device=CPU, seed=0)
+    manifest = json.loads((sample_shards / "manifest.json").read_text())
+    assert len(train) == manifest["splits"]["train"]["samples"] // 2
+    for ld in (train, val):
+        batches = epoch(ld)
+        assert len(batches) == len(ld) >= 1
+        assert all(L.shape == (2, 1, 64, 64) and ab.shape == (2, 2, 64, 64) for L, ab in batches)

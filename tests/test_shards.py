@@ -1,0 +1,455 @@
+"""Shard writer: real photos in, shards read back by webdataset and DALI, bad inputs, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pix2pix_dist.shards import ShardError, ShardOptions, build_shards, verify_shards
+from pix2pix_dist.shards.build import val_count
+from pix2pix_dist.shards.index import index_from_tar
+from pix2pix_dist.shards.options import parse_shard_size
+from pix2pix_dist.shards.sources import Source, Candidate, assign_keys, sample_dir
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+WDS2IDX = Path(sys.executable).parent / "wds2idx"
+COLOUR_PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                 "ihc.png", "retina.jpg", "color.png"]
+
+
+def photo(name: str, short: int | None = 160) -> Image.Image:
+    """A real colour photo from scikit-image, downscaled so tests stay fast."""
+    im = Image.open(sample_dir() / name).convert("RGB")
+    if short is not None:
+        s = short / min(im.size)
+        im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BILINEAR)
+    return im
+
+
+def jpeg_bytes(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def opts(source, out: Path, **kw) -> ShardOptions:
+    kw.setdefault("workers", 1)
+    kw.setdefault("progress", False)
+    kw.setdefault("shard_size", 3)
+    return ShardOptions(source=source, output=out, **kw)
+
+
+def shard_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".tar", ".idx")}
+
+
+def read_samples(out: Path, split: str) -> dict[str, tuple[bytes, dict]]:
+    samples = {}
+    for tar in sorted(out.glob(f"{split}-*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf:
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, [None, None])[0 if ext == "jpg" else 1] = tf.extractfile(m).read()
+    return {k: (jpg, json.loads(meta)) for k, (jpg, meta) in samples.items()}
+
+
+@pytest.fixture(scope="module")
+def sample_shards(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("sample")
+    return out, build_shards(opts("sample", out, workers=2))
+
+
+# -- the bundled sample photos, read back by webdataset and by DALI -------------------------------
+
+
+def test_sample_manifest_layout_and_filters(sample_shards):
+    out, m = sample_shards
+    assert json.loads((out / "manifest.json").read_text()) == m
+    assert m["format"] == "pix2pix_dist-shards/1" and m["args"]["source"] == "sample"
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    # skimage ships 11 colour photos (RGBA horse is black on transparent: gray once on white).
+    assert train["samples"] + val["samples"] == 11
+    assert val["samples"] == val_count(11, 0.2) == 2
+    assert [s["samples"] for s in train["shards"]] == [3, 3, 3]
+    assert [s["tar"] for s in train["shards"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    for s in train["shards"] + val["shards"]:
+        assert (out / s["tar"]).stat().st_size == s["bytes"] and (out / s["index"]).is_file()
+    assert m["skipped"] == {"grayscale": 15, "too_small": 2, "unsupported": 1}
+    assert "camera.png" in " ".join(os.listdir(sample_dir()))  # a gray photo skimage ships
+    assert all(len(v) <= 5 for v in m["skipped_examples"].values())
+    assert set(m["skipped_examples"]["too_small"]) == {"no_time_for_that_tiny.gif", "multipage.tif"}
+    assert not list(out.glob("*.tmp"))
+    assert verify_shards(out) == []
+
+
+def test_webdataset_reads_shards(sample_shards):
+    import webdataset as wds
+
+    out, m = sample_shards
+    urls = [str(out / s["tar"]) for s in m["splits"]["train"]["shards"]]
+    seen = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        meta = json.loads(sample["json"])
+        im = Image.open(io.BytesIO(sample["jpg"]))
+        assert im.format == "JPEG" and im.mode == "RGB"
+        assert im.size == (meta["width"], meta["height"])
+        assert meta["key"] == sample["__key__"]
+        seen[sample["__key__"]] = meta["source"]
+    assert len(seen) == m["splits"]["train"]["samples"]
+    assert all("." not in k and "/" not in k and " " not in k for k in seen)
+    # The original bytes of the sample JPEGs were kept (nothing needed changing).
+    samples = read_samples(out, "train") | read_samples(out, "val")
+    assert samples["rocket"][0] == (sample_dir() / "rocket.jpg").read_bytes()
+    assert samples["rocket"][1]["reencoded"] is False
+    assert samples["astronaut"][1]["reencoded"] is True  # PNG -> JPEG
+
+
+def test_dali_reads_shards_with_index(sample_shards):
+    from nvidia.dali import fn, pipeline_def, types
+
+    out, m = sample_shards
+    shards = m["splits"]["train"]["shards"] + m["splits"]["val"]["shards"]
+    total = sum(s["samples"] for s in shards)
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None)
+    def pipe():
+        jpg, meta = fn.readers.webdataset(
+            paths=[str(out / s["tar"]) for s in shards], index_paths=[str(out / s["index"]) for s in shards],
+            ext=["jpg", "json"], missing_component_behavior="error", name="reader", pad_last_batch=True)
+        return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), meta
+
+    p = pipe()
+    p.build()
+    assert p.epoch_size("reader") == total
+    seen = {}
+    for _ in range(-(-total // 4)):
+        images, metas = p.run()
+        for i in range(len(images)):
+            meta = json.loads(bytes(np.array(metas.at(i))))
+            img = np.array(images.at(i))
+            assert img.shape == (meta["height"], meta["width"], 3)
+            seen[meta["key"]] = img.shape
+    assert len(seen) == total
+
+
+def test_index_equals_wds2idx(sample_shards, tmp_path):
+    out, m = sample_shards
+    for s in m["splits"]["train"]["shards"] + m["splits"]["val"]["shards"]:
+        ref = tmp_path / s["index"]
+        subprocess.run([str(WDS2IDX), str(out / s["tar"]), str(ref)], check=True, capture_output=True)
+        assert (out / s["index"]).read_bytes() == ref.read_bytes()
+        assert index_from_tar(out / s["tar"]) == ref.read_bytes()
+
+
+def test_same_arguments_give_identical_shards(sample_shards, tmp_path):
+    out, m = sample_shards  # built with workers=2
+    again = build_shards(opts("sample", tmp_path / "again", workers=1))
+    assert shard_files(tmp_path / "again") == shard_files(out)
+    assert again["splits"] == m["splits"]
+    with tarfile.open(out / "train-000000.tar") as tf:
+        assert {(t.mtime, t.uid, t.gid, t.uname, t.gname, t.mode) for t in tf} == {(0, 0, 0, "", "", 0o644)}
+    other = build_shards(opts("sample", tmp_path / "seed1", seed=1))
+    assert shard_files(tmp_path / "seed1") != shard_files(out)
+    assert other["splits"]["train"]["samples"] == m["splits"]["train"]["samples"]
+
+
+def test_limit_is_exact_and_seeded(tmp_path):
+    m = build_shards(opts("sample", tmp_path / "a", limit=5, shard_size="1MB"))
+    assert (m["splits"]["train"]["samples"], m["splits"]["val"]["samples"]) == (4, 1)
+    keys_a = set(read_samples(tmp_path / "a", "train")) | set(read_samples(tmp_path / "a", "val"))
+    build_shards(opts("sample", tmp_path / "b", limit=5, seed=3))
+    keys_b = set(read_samples(tmp_path / "b", "train")) | set(read_samples(tmp_path / "b", "val"))
+    assert len(keys_a) == len(keys_b) == 5 and keys_a != keys_b
+    # shard size in MB: no tar above the limit unless a single sample is larger
+    for s in m["splits"]["train"]["shards"]:
+        assert s["bytes"] <= 1_000_000 or s["samples"] == 1
+
+
+def test_val_count_rule():
+    assert val_count(10_000, 0.2) == 2_000  # the tutorial: 8,000 train + 2,000 val
+    assert [val_count(n, 0.2) for n in range(6)] == [0, 0, 1, 1, 1, 1]
+    assert val_count(5, 0.0) == 0 and val_count(3, 0.99) == 2
+    for f in (0.05, 0.2, 0.5, 0.9):
+        steps = [val_count(n + 1, f) - val_count(n, f) for n in range(500)]
+        assert set(steps) <= {0, 1}
+
+
+def test_parse_shard_size():
+    assert parse_shard_size("256MB").max_bytes == 256_000_000
+    assert parse_shard_size("1GiB").max_bytes == 2**30
+    assert parse_shard_size("1000").max_samples == 1000
+    assert parse_shard_size(7).max_samples == 7
+    for bad in ("abc", "0", "1.5", "12XB", -3):
+        with pytest.raises(ShardError):
+            parse_shard_size(bad)
+
+
+def test_keys_are_sanitized_and_unique():
+    src = Source("folder", Path("/x"), "x", [Candidate(p, 1) for p in [
+        "root/a.jpg", "root/a.png", "root/sub dir/img.v2 final.JPG", "root/tab\there.jpg", "root/x\\y.jpg"]])
+    other = Source("folder", Path("/y"), "y", [Candidate("a.jpg", 1), Candidate("b.jpg", 1)])
+    keys = assign_keys([src, other])
+    flat = keys[0] + keys[1]
+    assert len(set(flat)) == len(flat)
+    for k in flat:
+        assert k and all(c.isascii() and (c.isalnum() or c in "_-") for c in k)
+    assert keys[0][2] == "sub_dir_img_v2_final" and keys[0][3] == "tab_here" and keys[1][1] == "b"
+    assert keys[0][0].startswith("a-") and keys[1][0].startswith("a-")  # 3-way collision -> hashed
+
+
+# -- COCO-style zip ------------------------------------------------------------------------------
+
+
+def test_coco_zip_source(tmp_path):
+    zpath = tmp_path / "train2017.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for i, name in enumerate(COLOUR_PHOTOS):
+            zf.writestr(f"train2017/{139 + i:012d}.jpg", jpeg_bytes(photo(name)))
+        zf.writestr("train2017/", b"")
+        zf.writestr("__MACOSX/train2017/._000000000139.jpg", b"junk")
+        zf.writestr("train2017/000000999999.jpg", b"")  # zero bytes
+    out = tmp_path / "out"
+    m = build_shards(opts(str(zpath), out, workers=2))
+    assert m["dataset"] == "train2017"
+    samples = read_samples(out, "train") | read_samples(out, "val")
+    assert sorted(samples) == [f"{139 + i:012d}" for i in range(len(COLOUR_PHOTOS))]
+    assert samples["000000000139"][1]["source"] == "train2017/000000000139.jpg"
+    assert all(not meta["reencoded"] for _, meta in samples.values())  # baseline RGB JPEGs kept
+    assert m["skipped"] == {"empty": 1}
+    assert m["splits"]["val"]["samples"] == 2 and verify_shards(out) == []
+
+
+def test_separate_val_source(tmp_path):
+    for folder, names in (("tr", COLOUR_PHOTOS[:5]), ("va", COLOUR_PHOTOS[5:])):
+        (tmp_path / folder).mkdir()
+        for n in names:
+            photo(n).save(tmp_path / folder / (Path(n).stem + ".png"))
+    m = build_shards(opts(tmp_path / "tr", tmp_path / "out", val_source=tmp_path / "va"))
+    assert (m["splits"]["train"]["samples"], m["splits"]["val"]["samples"]) == (5, 3)
+    assert set(read_samples(tmp_path / "out", "val")) == {Path(n).stem for n in COLOUR_PHOTOS[5:]}
+
+
+# -- bad and unusual inputs ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def weird(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("weird")
+    good = photo("coffee.png")
+    (d / "good.jpg").write_bytes(jpeg_bytes(good))
+    (d / "corrupt.jpg").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    full = jpeg_bytes(photo("astronaut.png", 256))
+    (d / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.png").write_text("these are my notes, not a picture\n")
+    photo("chelsea.png").convert("L").save(d / "gray_L.png")
+    (d / "gray_rgb.JPG").write_bytes(jpeg_bytes(photo("chelsea.png").convert("L").convert("RGB")))
+    photo("rocket.jpg").convert("CMYK").save(d / "cmyk.jpg", "JPEG", quality=90)
+    rgba = photo("astronaut.png").convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    rgba.save(d / "rgba.png")
+    photo("coffee.png").convert("P", palette=Image.Palette.ADAPTIVE).save(d / "palette.png")
+    rot = photo("motorcycle_left.png")  # landscape, stored with "rotate 90 CW" EXIF
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (d / "rotated.jpg").write_bytes(jpeg_bytes(rot, exif=exif.tobytes()))
+    photo("retina.jpg", 32).save(d / "tiny.png")
+    (d / "nested" / "my photos").mkdir(parents=True)
+    photo("ihc.png").save(d / "nested" / "my photos" / "img.v2 final.WEBP", "WEBP")
+    (d / "nested" / "readme.txt").write_text("ignored: not an image extension")
+    (d / "._good.jpg").write_bytes(b"AppleDouble junk")  # hidden: ignored
+    return d
+
+
+@pytest.fixture(scope="module")
+def weird_shards(weird, tmp_path_factory) -> tuple[Path, dict, dict]:
+    out = tmp_path_factory.mktemp("weird_out")
+    m = build_shards(opts(weird, out, val_fraction=0.0, workers=2))
+    return out, m, read_samples(out, "train")
+
+
+def test_bad_inputs_are_skipped_by_reason(weird_shards):
+    _, m, samples = weird_shards
+    assert m["skipped"] == {"corrupt": 1, "truncated": 1, "empty": 1, "not_an_image": 1, "grayscale": 2,
+                            "too_small": 1}
+    assert sorted(m["skipped_examples"]["grayscale"]) == ["gray_L.png", "gray_rgb.JPG"]  # shuffled order
+    assert m["skipped_examples"]["truncated"] == ["truncated.jpg"]
+    assert m["skipped_examples"]["not_an_image"] == ["notes.png"]
+    assert sorted(samples) == ["cmyk", "good", "nested_my_photos_img_v2_final", "palette", "rgba", "rotated"]
+    assert m["splits"]["val"]["samples"] == 0 and m["splits"]["val"]["shards"] == []
+
+
+def test_conversions(weird, weird_shards):
+    _, _, samples = weird_shards
+    for key, (jpg, meta) in samples.items():
+        im = Image.open(io.BytesIO(jpg))
+        assert im.format == "JPEG" and im.mode == "RGB" and len(im.getbands()) == 3, key
+        assert im.size == (meta["width"], meta["height"])
+        assert not im.getexif().get(0x0112), key  # no orientation left for a reader to re-apply
+    assert samples["good"][0] == (weird / "good.jpg").read_bytes()
+    assert samples["cmyk"][1]["mode"] == "CMYK" and samples["cmyk"][1]["reencoded"]
+    assert samples["rgba"][1]["changes"] == ["alpha_on_white", "to_jpeg"]
+    assert samples["palette"][1]["mode"] == "P"
+    rot = samples["rotated"][1]
+    assert rot["exif_orientation"] == 6 and rot["orig_width"] > rot["orig_height"]
+    assert (rot["width"], rot["height"]) == (rot["orig_height"], rot["orig_width"])
+    assert samples["nested_my_photos_img_v2_final"][1]["source"] == "nested/my photos/img.v2 final.WEBP"
+    # transparency composited on white: the fully transparent top rows (alpha gradient) are white
+    rgba = np.asarray(Image.open(io.BytesIO(samples["rgba"][0])))
+    assert rgba[:2].mean() > 240 and rgba[-2:].mean() < 240
+
+
+def test_resize_downscales_only(weird, tmp_path):
+    out = tmp_path / "r"
+    build_shards(opts(weird, out, resize=100, val_fraction=0.0))
+    samples = read_samples(out, "train")
+    for key, (jpg, meta) in samples.items():
+        assert min(meta["width"], meta["height"]) == 100, key
+        assert Image.open(io.BytesIO(jpg)).size == (meta["width"], meta["height"])
+        assert "resize" in meta["changes"]
+    build_shards(opts(weird, tmp_path / "big", resize=5000, val_fraction=0.0))
+    assert read_samples(tmp_path / "big", "train")["good"][1]["reencoded"] is False
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def run_cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "pix2pix_dist.shards", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=60, **kw)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["--source", str(tmp_path / "missing"), "--output", str(tmp_path / "o1")], "source not found"),
+        (["--source", str(tmp_path / "empty"), "--output", str(tmp_path / "o2")], "no images"),
+        (["--source", "sample", "--output", str(tmp_path / "afile" / "out")], "not writable"),
+        (["--source", "sample", "--output", str(tmp_path / "o3"), "--val-fraction", "1.5"], "--val-fraction"),
+        (["--verify"], "--output"),
+    ]
+    for args, needle in cases:
+        r = run_cli(*args, "--no-progress")
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+        assert "Traceback" not in r.stderr
+    assert not list(tmp_path.rglob("*.tar")) and not (tmp_path / "o1").exists()
+    with pytest.raises(ShardError, match="source not found"):
+        build_shards(opts(tmp_path / "missing", tmp_path / "o4"))
+
+
+def test_verify_catches_flipped_byte(sample_shards, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(sample_shards[0], out)
+    tar = out / "train-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[5000] ^= 0xFF  # inside the first JPEG's data
+    tar.write_bytes(bytes(data))
+    problems = verify_shards(out)
+    assert problems and all("train-000001" in p for p in problems)
+    assert any("sha256" in p for p in problems)
+    r = run_cli("--verify", "--output", str(out))
+    assert r.returncode == 1 and "train-000001.tar" in r.stderr
+    assert run_cli("--verify", "--output", str(sample_shards[0])).returncode == 0
+    (out / "val-000000.idx").write_text("v1.2 0\n")
+    assert any("val-000000.idx" in p for p in verify_shards(out))
+
+
+# -- atomic and resumable ------------------------------------------------------------------------
+
+
+def test_resume_keeps_complete_shards_and_rebuilds_the_rest(sample_shards, tmp_path):
+    ref_out, ref = sample_shards
+    out = tmp_path / "r"
+    build_shards(opts("sample", out))
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}
+    (out / "train-000001.tar").unlink()
+    with open(out / "train-000002.tar", "r+b") as f:
+        f.seek(3000)
+        f.write(b"garbage")
+    (out / "val-000000.idx").unlink()
+    m = build_shards(opts("sample", out, workers=2))
+    assert shard_files(out) == shard_files(ref_out) and m["splits"] == ref["splits"]
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}
+    assert after["train-000000.tar"] == before["train-000000.tar"]
+    assert after["train-000001.tar"] != before["train-000001.tar"]
+    assert after["train-000002.tar"] != before["train-000002.tar"]
+    assert verify_shards(out) == []
+    # A different option (seed) is a different dataset: everything is rebuilt, nothing stale left.
+    build_shards(opts("sample", out, seed=5, shard_size=100))
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
+
+
+def test_interrupted_run_resumes_to_identical_output(sample_shards, tmp_path, monkeypatch):
+    from pix2pix_dist.shards import build
+
+    ref_out, _ = sample_shards
+    out = tmp_path / "i"
+    real_add, calls = build.SplitWriter.add, []
+
+    def add_then_interrupt(self, *a, **kw):  # Ctrl-C arriving while the 8th sample is written
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real_add(self, *a, **kw)
+
+    monkeypatch.setattr(build.SplitWriter, "add", add_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards(opts("sample", out))
+    monkeypatch.undo()
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
+    done = sorted(p.name for p in out.glob("*.tar"))
+    assert "train-000000.tar" in done and len(done) < 4
+    kept = {n: (out / n).stat().st_ino for n in done}
+    build_shards(opts("sample", out))
+    assert shard_files(out) == shard_files(ref_out)
+    assert all((out / n).stat().st_ino == ino for n, ino in kept.items())
+
+
+def test_ctrl_c_on_cli_is_one_line_and_resumable(tmp_path):
+    src = tmp_path / "many"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    base = np.asarray(photo("coffee.png", 200))
+    for i in range(120):  # PNGs must be re-encoded: slow enough to interrupt mid-run
+        noisy = np.clip(base.astype(np.int16) + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(src / f"{i:04d}.png", compress_level=1)
+    out = tmp_path / "out"
+    args = ["--source", str(src), "--output", str(out), "--shard-size", "2", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen([PY, "-m", "pix2pix_dist.shards", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (out / "train-000000.tar").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be interrupted")
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "interrupted: complete shards are kept; run the same command again to resume"]
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
+    kept = {p.name: p.stat().st_ino for p in out.glob("*.tar")}
+    assert kept
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert all((out / n).stat().st_ino == ino for n, ino in kept.items())
+    ref = tmp_path / "ref"
+    build_shards(opts(src, ref, shard_size=2, workers=2))
+    assert shard_files(out) == shard_files(ref)
