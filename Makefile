@@ -51,7 +51,7 @@ endif
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP) shards/sample/manifest.json
+bench: $(STAMP)
 	$(PY) -m pix2pix_dist.bench $(ARGS)
 
 clean:

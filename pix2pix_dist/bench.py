@@ -192,8 +192,8 @@ def source_photos() -> list[tuple[str, np.ndarray]]:
 
 def _synthetic_jpeg(photo: np.ndarray, rng: np.random.Generator, size: tuple[int, int],
                     quality: int) -> bytes:
-    """A random 4:3 window of `photo` (40-100% of the largest one), flipped at random, with a
-    mild per-channel gain, resized to `size` and encoded: real photo content, so JPEG decode
+    """A random 4:3 window of `photo` (40-100% of the largest one) resized to `size`, flipped at
+    random, with a mild per-channel gain, encoded: real photo content, so JPEG decode
     costs what it costs on COCO, and every image differs."""
     from PIL import Image
 
@@ -203,14 +203,14 @@ def _synthetic_jpeg(photo: np.ndarray, rng: np.random.Generator, size: tuple[int
     win_w = max_w * rng.uniform(0.4, 1.0)
     win_h = win_w / aspect
     x0, y0 = rng.uniform(0, w - win_w), rng.uniform(0, h - win_h)
-    gain = rng.uniform(0.9, 1.1, size=3)
-    img = np.clip(photo.astype(np.float32) * gain, 0, 255).astype(np.uint8)
-    im = Image.fromarray(img).resize(size, Image.Resampling.BICUBIC,
-                                     box=(x0, y0, x0 + win_w, y0 + win_h))
+    im = Image.fromarray(photo).resize(size, Image.Resampling.BICUBIC,
+                                       box=(x0, y0, x0 + win_w, y0 + win_h))
     if rng.random() < 0.5:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    gain = rng.uniform(0.9, 1.1, size=3)
+    img = np.clip(np.asarray(im, dtype=np.float32) * gain, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 

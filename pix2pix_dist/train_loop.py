@@ -86,8 +86,10 @@ def make_accelerator(cfg: Config):
         # fp16 is refused on CPU and bf16 autocast there is slower than fp32 on most CPUs.
         print(f"notice: no CUDA device; train.mixed_precision={precision} -> no")
         precision = "no"
+    # cpu=True on a machine without CUDA: only then does Accelerate join the processes that
+    # torchrun / `accelerate launch` started into one gloo group (otherwise each trains alone).
     return Accelerator(mixed_precision=precision, log_with=tracker_for(cfg),
-                       project_dir=cfg.run_dir)
+                       project_dir=cfg.run_dir, cpu=not torch.cuda.is_available())
 
 
 def build_models(cfg: Config) -> tuple[UNetGenerator, PatchDiscriminator]:
