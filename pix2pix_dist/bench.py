@@ -517,60 +517,31 @@ class TrainStep:
 
 
 def make_train_step(s: BenchSettings, device: torch.device, compiled: bool) -> TrainStep:
-    """One pix2pix iteration exactly as train_loop.py runs it, on a fixed synthetic batch.
+    """The training loop's own step (gan_step.GanStep, including its finite-loss checks) on a
+    fixed synthetic batch: unet with ngf 64, 70x70 PatchGAN, Adam, bf16 autocast and
+    channels_last on CUDA, fp32 on CPU."""
+    from accelerate import Accelerator
 
-    D step: D(L, G(L).detach()) -> 0 and D(L, ab) -> 1, loss halved; then G step with D frozen:
-    GAN + 100 * L1. Adam(2e-4, 0.5, 0.999), bf16 autocast and channels_last on CUDA, fp32 on
-    CPU. Unlike the loop it skips the per-step finite-loss check (one small host sync)."""
-    from .losses import d_loss, g_gan_loss, l1_loss
-    from .models import PatchDiscriminator, UNetGenerator, init_weights
+    from .config import Config
+    from .gan_step import GanStep, build_networks
 
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
-    fmt = torch.channels_last if cuda else torch.contiguous_format
-    G = UNetGenerator(1, 2, num_downs=s.num_downs, ngf=64, norm="batch", dropout=True)
-    D = PatchDiscriminator(3, ndf=64, n_layers=3)
-    init_weights(G)
-    init_weights(D)
-    G.to(device, memory_format=fmt).train()
-    D.to(device, memory_format=fmt).train()
-    opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=cuda)
-    opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=cuda)
-    G_fast = torch.compile(G) if compiled else G
-    D_fast = torch.compile(D) if compiled else D
+    cfg = Config()
+    cfg.model.num_downs, cfg.train.compile = s.num_downs, compiled
+    cfg.train.mixed_precision = "bf16" if cuda else "no"
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not cuda)
+    nets = build_networks(cfg, accelerator)
+    step_fn = GanStep(accelerator, nets, cfg.optim)
 
     gen = torch.Generator(device=device).manual_seed(s.seed)
     shape = (s.train_batch_size, 1, s.crop, s.crop)
-    L = (torch.rand(shape, device=device, generator=gen) * 2 - 1).contiguous(memory_format=fmt)
-    ab = (torch.rand((shape[0], 2, *shape[2:]), device=device, generator=gen) - 0.5) \
-        .contiguous(memory_format=fmt)
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
-    def set_requires_grad(flag: bool) -> None:
-        for p in D.parameters():
-            p.requires_grad_(flag)
+    L = torch.rand(shape, device=device, generator=gen) * 2 - 1
+    ab = torch.rand((shape[0], 2, *shape[2:]), device=device, generator=gen) - 0.5
 
     def step() -> torch.Tensor:
-        with autocast():
-            fake = G_fast(L)
-            pred_fake = D_fast(torch.cat([L, fake.detach()], dim=1))
-            pred_real = D_fast(torch.cat([L, ab], dim=1))
-        real_loss, fake_loss = d_loss("vanilla", pred_real, pred_fake)
-        (0.5 * (real_loss + fake_loss)).backward()
-        opt_D.step()
-        opt_D.zero_grad(set_to_none=True)
-
-        set_requires_grad(False)
-        with autocast():
-            pred = D_fast(torch.cat([L, fake], dim=1))
-        loss_G = g_gan_loss("vanilla", pred) + 100.0 * l1_loss(fake, ab)
-        loss_G.backward()
-        set_requires_grad(True)
-        opt_G.step()
-        opt_G.zero_grad(set_to_none=True)
-        return loss_G.detach()
+        result = step_fn(L, ab)
+        return result.loss_G_GAN + cfg.optim.lambda_l1 * result.loss_G_L1
 
     return TrainStep(step, s.train_batch_size)
 

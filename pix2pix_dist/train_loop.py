@@ -3,15 +3,7 @@
 One iteration is one batch per process: a D step, then a G step (pix2pix's order). Progress is
 counted in iterations (`step`), which also fixes the position in the data stream, so a resumed
 run continues with exactly the batches it would have seen.
-
-DDP and the BatchNorm discriminator (see ARCHITECTURE.md): D runs twice (fake, then real) before
-one backward, so D's DDP wrapper must not broadcast buffers before each forward: that in-place
-write to BatchNorm's running statistics invalidates the first forward's saved tensors on CUDA.
-D's running statistics are never used (D always runs in training mode), so letting them differ
-per rank is harmless. In the G step, D is called *unwrapped* with its parameters frozen: no DDP
-reducer is involved, so toggling requires_grad cannot confuse gradient reduction, and no time is
-spent on D's weight gradients. G keeps buffer broadcasting: its running statistics are what
-inference uses, and they stay identical on every rank.
+The step itself (and the DDP design for the BatchNorm discriminator) is in gan_step.py.
 """
 
 from __future__ import annotations
@@ -34,8 +26,7 @@ from .checkpoints import (CheckpointError, load_checkpoint, load_latest, save_ch
                           set_rng_state)
 from .config import Config, ConfigError, help_text, parse_args
 from .data import DataError, build_loader, lab_to_rgb
-from .losses import d_loss, g_gan_loss, l1_loss
-from .models import PatchDiscriminator, UNetGenerator, init_weights
+from .gan_step import GanStep, build_networks
 from .tracking import RunTracker, tracker_for
 
 
@@ -92,15 +83,6 @@ def make_accelerator(cfg: Config):
                        project_dir=cfg.run_dir, cpu=not torch.cuda.is_available())
 
 
-def build_models(cfg: Config) -> tuple[UNetGenerator, PatchDiscriminator]:
-    m = cfg.model
-    generator = UNetGenerator(1, 2, num_downs=m.num_downs, ngf=m.ngf, norm=m.norm, dropout=m.dropout)
-    discriminator = PatchDiscriminator(3, ndf=m.ndf, n_layers=m.d_layers, norm=m.norm)
-    init_weights(generator)
-    init_weights(discriminator)
-    return generator, discriminator
-
-
 def generator_meta(cfg: Config) -> dict:
     m = cfg.model
     return {"in_channels": 1, "out_channels": 2, "num_downs": m.num_downs, "ngf": m.ngf,
@@ -141,11 +123,6 @@ def fixed_sample_batch(cfg: Config, device: torch.device) -> tuple[torch.Tensor,
     return next(iter(loader))
 
 
-def set_requires_grad(module: nn.Module, flag: bool) -> None:
-    for p in module.parameters():
-        p.requires_grad_(flag)
-
-
 def train(cfg: Config) -> TrainResult:
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -167,24 +144,10 @@ def train(cfg: Config) -> TrainResult:
                           seed=cfg.train.seed, exact_epochs=cfg.train.deterministic)
     sample_L, sample_ab = fixed_sample_batch(cfg, device) if main_process else (None, None)
 
-    # --- models and optimizers -------------------------------------------------------------
-    G_raw, D_raw = build_models(cfg)
-    if cfg.model.norm == "syncbatch" and world > 1:
-        if device.type == "cpu":
-            raise ConfigError("model.norm=syncbatch needs GPUs (torch's SyncBatchNorm has no CPU "
-                              "kernel); use model.norm=batch")
-        G_raw = nn.SyncBatchNorm.convert_sync_batchnorm(G_raw)
-        D_raw = nn.SyncBatchNorm.convert_sync_batchnorm(D_raw)
-    memory_format = torch.channels_last if (cfg.train.channels_last and device.type == "cuda") \
-        else torch.contiguous_format
-    G_raw.to(device, memory_format=memory_format)
-    D_raw.to(device, memory_format=memory_format)
-    fused = device.type == "cuda"
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    opt_G = torch.optim.Adam(G_raw.parameters(), lr=cfg.optim.lr, betas=betas, fused=fused)
-    opt_D = torch.optim.Adam(D_raw.parameters(), lr=cfg.optim.lr, betas=betas, fused=fused)
-
-    # --- resume (before prepare: plain modules and optimizers load plain state dicts) -------
+    # --- models, optimizers, resume ---------------------------------------------------------
+    nets = build_networks(cfg, accelerator)
+    G_raw, D_raw = nets.G_raw, nets.D_raw
+    step_fn = GanStep(accelerator, nets, cfg.optim)
     start_step, nonfinite, resumed_from = 0, 0, None
     found = None
     if cfg.ckpt.resume == "auto":
@@ -193,28 +156,21 @@ def train(cfg: Config) -> TrainResult:
         path = Path(cfg.ckpt.resume)
         found = (path, *load_checkpoint(path, rank))
     if found is not None:
+        # Every rank loads the same file, so DDP replicas stay identical.
         resumed_from, state, rng = found
         G_raw.load_state_dict(state["G"])
         D_raw.load_state_dict(state["D"])
-        opt_G.load_state_dict(state["opt_G"])
-        opt_D.load_state_dict(state["opt_D"])
+        nets.opt_G.load_state_dict(state["opt_G"])
+        nets.opt_D.load_state_dict(state["opt_D"])
+        if state.get("scaler") and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
         start_step, nonfinite = int(state["step"]), int(state["nonfinite"])
-        scaler_state = state.get("scaler")
         if rng is not None:
             set_rng_state(rng)
-        else:
+        else:  # resumed with more processes than saved: fresh noise for the new ranks
             set_seed(cfg.train.seed + start_step, device_specific=True)
     else:
-        scaler_state = None
         set_seed(cfg.train.seed, device_specific=True)  # different dropout noise per rank
-
-    G_fast = torch.compile(G_raw) if cfg.train.compile else G_raw
-    D_fast = torch.compile(D_raw) if cfg.train.compile else D_raw
-    G, D, opt_G, opt_D = accelerator.prepare(G_fast, D_fast, opt_G, opt_D)
-    if hasattr(D, "broadcast_buffers"):  # DDP-wrapped: see the module docstring
-        D.broadcast_buffers = False
-    if scaler_state and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(scaler_state)
 
     if main_process:
         cfg.save(run_dir / "config.json")
@@ -227,7 +183,7 @@ def train(cfg: Config) -> TrainResult:
     def save(step: int) -> Path:
         state = {
             "G": G_raw.state_dict(), "D": D_raw.state_dict(),
-            "opt_G": opt_G.optimizer.state_dict(), "opt_D": opt_D.optimizer.state_dict(),
+            "opt_G": nets.opt_G.state_dict(), "opt_D": nets.opt_D.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
             "step": step, "nonfinite": nonfinite,
         }
@@ -239,7 +195,7 @@ def train(cfg: Config) -> TrainResult:
             return
         G_raw.eval()
         with torch.no_grad(), accelerator.autocast():
-            fake = G_raw(sample_L.contiguous(memory_format=memory_format)).float()
+            fake = G_raw(sample_L.contiguous(memory_format=nets.memory_format)).float()
         G_raw.train()
         tracker.log_grid(step, lab_to_rgb(sample_L, torch.zeros_like(sample_ab)),
                          lab_to_rgb(sample_L, fake), lab_to_rgb(sample_L, sample_ab))
@@ -259,65 +215,33 @@ def train(cfg: Config) -> TrainResult:
     with StopFlag() as stop:
         while step < cfg.train.steps:
             lr = cfg.optim.lr * lr_factor(step, cfg)
-            for opt in (opt_G, opt_D):
+            for opt in (nets.opt_G, nets.opt_D):
                 for group in opt.param_groups:
                     group["lr"] = lr
 
             t0 = time.perf_counter()
             L, ab = next(data)
             data_wait += time.perf_counter() - t0
-            L = L.contiguous(memory_format=memory_format)
-            ab = ab.contiguous(memory_format=memory_format)
-
-            # D step: real pairs -> 1, generated pairs -> 0; the loss is halved as in pix2pix.
-            with accelerator.autocast():
-                fake_ab = G(L)
-                pred_fake = D(torch.cat([L, fake_ab.detach()], dim=1))
-                pred_real = D(torch.cat([L, ab], dim=1))
-            loss_D_real, loss_D_fake = d_loss(cfg.optim.gan_mode, pred_real, pred_fake)
-            loss_D = 0.5 * (loss_D_real + loss_D_fake)
-            # Backward even when the loss is not finite: every rank must join the same
-            # gradient all-reduce; the update is then skipped on all ranks together.
-            accelerator.backward(loss_D)
-            d_ok = _all_finite(accelerator, loss_D)
-            if d_ok:
-                opt_D.step()
-            opt_D.zero_grad(set_to_none=True)
-
-            # G step: fool the (frozen, unwrapped) D and stay close to the truth in L1.
-            set_requires_grad(D_raw, False)
-            with accelerator.autocast():
-                pred = D_fast(torch.cat([L, fake_ab], dim=1))
-            loss_G_gan = g_gan_loss(cfg.optim.gan_mode, pred)
-            loss_G_l1 = l1_loss(fake_ab, ab)
-            loss_G = loss_G_gan + cfg.optim.lambda_l1 * loss_G_l1
-            accelerator.backward(loss_G)
-            set_requires_grad(D_raw, True)
-            g_ok, stop_requested = _all_finite(accelerator, loss_G, stop.signal is not None)
-            if g_ok:
-                opt_G.step()
-            opt_G.zero_grad(set_to_none=True)
+            result = step_fn(L, ab, stop=stop.signal is not None)
 
             step += 1
             tick_steps += 1
-            if not (d_ok and g_ok):
+            if not (result.d_ok and result.g_ok):
                 nonfinite += 1
-                say(f"warning: non-finite loss at step {step} (D {loss_D.item():.4g}, "
-                    f"G {loss_G.item():.4g}); update skipped ({nonfinite} so far)")
+                say(f"warning: non-finite loss at step {step}; update skipped ({nonfinite} so far)")
                 if nonfinite >= cfg.train.max_nonfinite:
                     raise TrainingError(
                         f"{nonfinite} steps had non-finite losses (train.max_nonfinite="
                         f"{cfg.train.max_nonfinite}); stopping. Try train.mixed_precision=bf16 or "
                         f"a lower optim.lr, and resume from the last checkpoint")
             else:
-                for key, value in (("loss/D_real", loss_D_real), ("loss/D_fake", loss_D_fake),
-                                   ("loss/G_GAN", loss_G_gan), ("loss/G_L1", loss_G_l1)):
-                    sums[key] += value.detach()
+                for key, value in result.losses().items():
+                    sums[key] += value
                 sums["n"] += 1
 
             if progress is not None:
                 progress.update(1)
-            if step % cfg.log.every == 0 or step == cfg.train.steps or stop_requested:
+            if step % cfg.log.every == 0 or step == cfg.train.steps or result.stop:
                 elapsed = time.perf_counter() - tick_start
                 n = max(sums.pop("n").item(), 1) if "n" in sums else 1
                 scalars = {k: v.item() / n for k, v in sums.items()}
@@ -334,7 +258,7 @@ def train(cfg: Config) -> TrainResult:
                 tick_start, data_wait, tick_steps = time.perf_counter(), 0.0, 0
             if step % cfg.log.sample_every == 0 or step == cfg.train.steps:
                 log_samples(step)
-            if stop_requested:
+            if result.stop:
                 stopped = True
                 break
             if step % cfg.ckpt.every == 0 and step < cfg.train.steps:
@@ -350,17 +274,6 @@ def train(cfg: Config) -> TrainResult:
     else:
         say(f"done: {step} steps; checkpoint {path}; generator {run_dir / 'generator.safetensors'}")
     return TrainResult(step, stopped, nonfinite, run_dir, G_raw, D_raw)
-
-
-def _all_finite(accelerator, loss: torch.Tensor, stop: bool | None = None):
-    """Whether `loss` is finite on every rank (one small all-reduce); with `stop`, also whether
-    any rank was asked to stop, so that all ranks leave the loop at the same step."""
-    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                         torch.tensor(float(bool(stop)), device=loss.device)])
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags, reduction="sum")
-    bad, stop_any = (flags > 0).tolist()
-    return (not bad) if stop is None else (not bad, stop_any)
 
 
 def _progress_bar(enabled: bool, start: int, total: int):
@@ -395,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C while the checkpoint was being written
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
