@@ -227,13 +227,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-demo": {
         "data.shards": "shards/sample", "data.batch_size": 4, "data.load_size": 143,
         "data.crop_size": 128, "data.num_threads": 2, "data.shuffle_buffer": 64,
-        "model.num_downs": 7, "model.ngf": 32, "model.ndf": 32, "train.steps": 150,
-        "train.mixed_precision": "no", "log.every": 10, "log.sample_every": 50,
-        "log.sample_count": 4, "ckpt.every": 50, "ckpt.keep": 2, "run_dir": "runs/demo",
+        "model.num_downs": 7, "model.ngf": 32, "model.ndf": 32, "train.steps": 400,
+        "train.mixed_precision": "no", "log.every": 20, "log.sample_every": 100,
+        "log.sample_count": 4, "ckpt.every": 100, "ckpt.keep": 2, "run_dir": "runs/demo",
     },
     # `make train` on GPUs: full unet_256 on the sample shards, every GPU, a few minutes.
+    # Batch 1 per GPU (the paper's batch) so that up to 9 GPUs share the 9 training photos.
     "gpu-demo": {
-        "data.shards": "shards/sample", "data.batch_size": 8, "data.shuffle_buffer": 64,
+        "data.shards": "shards/sample", "data.batch_size": 1, "data.shuffle_buffer": 64,
         "train.steps": 1000, "log.every": 20, "log.sample_every": 200, "log.sample_count": 4,
         "ckpt.every": 250, "ckpt.keep": 2, "run_dir": "runs/demo",
     },

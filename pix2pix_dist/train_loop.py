@@ -26,6 +26,7 @@ from .checkpoints import (CheckpointError, load_checkpoint, load_latest, save_ch
                           set_rng_state)
 from .config import Config, ConfigError, help_text, parse_args
 from .data import DataError, build_loader, lab_to_rgb
+from .data.shards_index import find_shards
 from .gan_step import GanStep, build_networks
 from .tracking import RunTracker, tracker_for
 
@@ -112,15 +113,18 @@ def batch_stream(loader, start_step: int) -> Iterator[tuple[torch.Tensor, torch.
 
 
 def fixed_sample_batch(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first validation batch (deterministic), or a deterministic train batch without val."""
-    data = dataclasses.replace(cfg.data, batch_size=cfg.log.sample_count)
-    try:
-        loader = build_loader(data, "val", rank=0, world_size=1, device=device,
+    """Up to log.sample_count validation images, deterministic (resize + centre crop); from the
+    train split, also deterministic, when the shards have no validation split."""
+    for split in ("val", "train"):
+        try:
+            available = find_shards(cfg.data.shards, split).total
+        except DataError:
+            continue
+        data = dataclasses.replace(cfg.data, batch_size=min(cfg.log.sample_count, available))
+        loader = build_loader(data, split, rank=0, world_size=1, device=device,
                               seed=cfg.train.seed, train=False)
-    except DataError:
-        loader = build_loader(data, "train", rank=0, world_size=1, device=device,
-                              seed=cfg.train.seed, train=False)
-    return next(iter(loader))
+        return next(iter(loader))
+    raise DataError(f"no shards in {cfg.data.shards}; write them with `make shards`")
 
 
 def train(cfg: Config) -> TrainResult:
