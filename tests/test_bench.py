@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pix2pix_dist import bench
+from pix2pix_dist.bench import main
+from pix2pix_dist.bench.measure import LOADERS
+from pix2pix_dist.bench.synthetic import ensure_synthetic_shards, make_synthetic_jpegs
 
 TINY = ["--device", "cpu", "--synthetic", "16", "--batch-size", "4", "--train-batch-size", "2",
         "--crop", "64", "--num-downs", "6", "--workers", "2", "--seconds", "0.2",
@@ -24,7 +26,7 @@ TINY = ["--device", "cpu", "--synthetic", "16", "--batch-size", "4", "--train-ba
 def results(tmp_path_factory) -> tuple[dict, Path]:
     """One tiny full run (synthetic shards, three loaders, eager training step)."""
     root = tmp_path_factory.mktemp("bench")
-    rc = bench.main(TINY + ["--cache", str(root / "cache"), "--output", str(root / "out")])
+    rc = main(TINY + ["--cache", str(root / "cache"), "--output", str(root / "out")])
     assert rc == 0
     files = sorted((root / "out").glob("*.json"))
     assert len(files) == 1
@@ -48,7 +50,7 @@ def test_results_record_device_versions_and_settings(results):
 def test_every_loader_has_a_positive_finite_throughput(results):
     data, _ = results
     assert data["data"]["images"] == 16
-    for name in bench.LOADERS:
+    for name in LOADERS:
         entry = data["data"]["loaders"][name]
         assert "error" not in entry, entry.get("error")
         assert math.isfinite(entry["images_per_s"]) and entry["images_per_s"] > 0
@@ -78,7 +80,7 @@ def test_training_step_numbers_are_consistent(results):
 
 
 def test_synthetic_images_are_distinct_640x480_jpegs(tmp_path):
-    paths = bench.make_synthetic_jpegs(tmp_path, 12, seed=0, workers=2)
+    paths = make_synthetic_jpegs(tmp_path, 12, seed=0, workers=2)
     assert len(paths) == 12
     digests = set()
     for p in paths:
@@ -87,15 +89,15 @@ def test_synthetic_images_are_distinct_640x480_jpegs(tmp_path):
         digests.add(hashlib.sha256(p.read_bytes()).hexdigest())
     assert len(digests) == 12
     # Deterministic: the same seed gives the same bytes.
-    again = bench.make_synthetic_jpegs(tmp_path / "again", 2, seed=0, workers=1)
+    again = make_synthetic_jpegs(tmp_path / "again", 2, seed=0, workers=1)
     assert again[1].read_bytes() == paths[1].read_bytes()
 
 
 def test_synthetic_shards_are_reused(tmp_path, capsys):
     cache = tmp_path / "cache"
-    bench.ensure_synthetic_shards(cache, 9, seed=0, workers=1)
+    ensure_synthetic_shards(cache, 9, seed=0, workers=1)
     mtime = (cache / "manifest.json").stat().st_mtime_ns
-    bench.ensure_synthetic_shards(cache, 9, seed=0, workers=1)
+    ensure_synthetic_shards(cache, 9, seed=0, workers=1)
     assert (cache / "manifest.json").stat().st_mtime_ns == mtime
     assert "reusing" in capsys.readouterr().out
 
@@ -103,21 +105,21 @@ def test_synthetic_shards_are_reused(tmp_path, capsys):
 def test_bad_shards_path_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for where in ("missing", "empty"):
-        rc = bench.main(["--device", "cpu", "--only", "data", "--shards", str(tmp_path / where),
-                         "--output", str(tmp_path / "out")])
+        rc = main(["--device", "cpu", "--only", "data", "--shards", str(tmp_path / where),
+                   "--output", str(tmp_path / "out")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("error: --shards")
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_crop_is_rejected(capsys):
-    assert bench.main(["--device", "cpu", "--crop", "100", "--num-downs", "6"]) == 2
+    assert main(["--device", "cpu", "--crop", "100", "--num-downs", "6"]) == 2
     assert "divisible" in capsys.readouterr().err
 
 
 def test_foreign_cache_folder_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("keep me")
-    rc = bench.main(["--device", "cpu", "--only", "data", "--synthetic", "4",
-                     "--cache", str(tmp_path), "--output", str(tmp_path / "out")])
+    rc = main(["--device", "cpu", "--only", "data", "--synthetic", "4",
+               "--cache", str(tmp_path), "--output", str(tmp_path / "out")])
     assert rc == 2 and "not written by the benchmark" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "keep me"
