@@ -312,6 +312,7 @@ usage: accelerate launch train.py [--preset NAME] [--config FILE.json] [KEY=VALU
 
 Train pix2pix colorization. Settings are applied in order: defaults, preset, config file,
 then overrides. Presets: {presets}.
+Short forms: --resume (ckpt.resume), --shards (data.shards), --steps (train.steps).
 
 Keys:
 """
@@ -322,6 +323,10 @@ def help_text() -> str:
     for key, default, doc in iter_fields():
         lines.append(f"  {key} = {default!r}\n      {doc}")
     return "\n".join(lines)
+
+
+# Short forms users reach for first.
+ALIASES = {"resume": "ckpt.resume", "shards": "data.shards", "steps": "train.steps"}
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -342,7 +347,7 @@ def parse_args(argv: list[str]) -> Config:
         if "=" not in arg:
             raise ConfigError(f"cannot read argument {argv[i]!r}: use KEY=VALUE or --KEY VALUE")
         key, value = arg.split("=", 1)
-        key = key.replace("-", "_") if key not in ("preset", "config") else key
+        key = ALIASES.get(key, key.replace("-", "_"))
         if key == "preset":
             preset = value
         elif key == "config":

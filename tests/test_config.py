@@ -22,6 +22,8 @@ def test_overrides_in_both_forms_convert_types():
                       "--optim.lr=1e-3", "--log.tracker", "none"])
     assert cfg.data.batch_size == 32 and cfg.train.compile is True
     assert cfg.optim.lr == 1e-3 and cfg.log.tracker == "none"
+    short = parse_args(["--resume", "never", "--shards=/data/s", "--steps", "10"])
+    assert (short.ckpt.resume, short.data.shards, short.train.steps) == ("never", "/data/s", 10)
 
 
 @pytest.mark.parametrize("args, message", [
