@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,9 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], generator: 
     final = checkpoint_root(run_dir) / f"{PREFIX}{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Also clear what a crash during an earlier save left (each is a full checkpoint).
+        for stale in checkpoint_root(run_dir).glob(f"{PREFIX}*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
     _save_file(rng_state(), tmp / f"rng-rank{rank}.pt")
@@ -107,23 +110,26 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], generator: 
 
 def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(training state, this rank's RNG state or None when it was saved with fewer ranks)."""
+    rng_file = path / f"rng-rank{rank}.pt"
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, wrong format: the caller may try an older one
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
+    except Exception as exc:  # truncated file, wrong format, missing folder
         raise CheckpointError(f"cannot load checkpoint {path}: {exc}".splitlines()[0]) from None
-    rng_file = path / f"rng-rank{rank}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
     return state, rng
 
 
-def load_latest(run_dir: Path, rank: int) -> tuple[Path, dict[str, Any], dict[str, Any] | None] | None:
-    """The newest checkpoint that loads, skipping damaged ones with a notice; None if there is none."""
+def latest_loadable(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose state file is intact, skipping damaged ones with a notice.
+
+    torch.save writes a zip archive whose directory sits at the end, so opening it detects a
+    truncated file without reading the (possibly large) tensors."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return (path, *load_checkpoint(path, rank))
-        except CheckpointError as exc:
-            if rank == 0:
-                print(f"warning: {exc}; trying an older checkpoint")
+            with zipfile.ZipFile(path / "state.pt"):
+                return path
+        except (OSError, zipfile.BadZipFile) as exc:
+            print(f"warning: skipping damaged checkpoint {path}: {exc}")
     return None
 
 

@@ -50,6 +50,20 @@ def _safe_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", path.stem).strip("_") or "image"
 
 
+def _setup(args: argparse.Namespace) -> torch.nn.Module:
+    """Check the options and load the generator; ValueError/CheckpointError in one line."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} but no CUDA device is available; use --device cpu")
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"--output {args.output} exists and is not a folder")
+    generator = load_generator(args.generator, args.device)
+    step = 2 ** generator.num_downs
+    if args.size < step or args.size % step:
+        raise ValueError(f"--size {args.size} must be a positive multiple of {step}")
+    args.output.mkdir(parents=True, exist_ok=True)
+    return generator
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pix2pix-colorize", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
@@ -59,19 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
-        generator = load_generator(args.generator, args.device)
-    except CheckpointError as exc:
+        generator = _setup(args)
+    except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    step = 2 ** generator.num_downs
-    if args.size % step:
-        print(f"error: --size {args.size} must be a multiple of {step}", file=sys.stderr)
         return 2
     files = _inputs(args.inputs)
     if not files:
         print(f"error: no images found in {', '.join(map(str, args.inputs))}", file=sys.stderr)
         return 2
-    args.output.mkdir(parents=True, exist_ok=True)
     written, skipped, used = 0, 0, set()
     for path in files:
         try:

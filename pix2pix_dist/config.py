@@ -267,8 +267,14 @@ def _field_types(obj: Any) -> dict[str, Any]:
 
 
 def _convert(key: str, raw: Any, typ: Any) -> Any:
-    if not isinstance(raw, str):
-        return raw
+    if not isinstance(raw, str):  # from a JSON config file or a preset: check, don't coerce
+        ok = (isinstance(raw, bool) if typ is bool else
+              isinstance(raw, int) and not isinstance(raw, bool) if typ is int else
+              isinstance(raw, (int, float)) and not isinstance(raw, bool) if typ is float else
+              False)
+        if not ok:
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {raw!r}")
+        return float(raw) if typ is float else raw
     try:
         if typ is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -372,6 +378,8 @@ def build_config(preset: str | None = None, config_file: str | None = None,
             data = json.loads(Path(config_file).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {config_file} must hold a JSON object like config.json")
         for key, value in _flatten(data):
             set_key(cfg, key, value)
     for key, value in overrides:

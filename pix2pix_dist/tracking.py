@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from pix2pix_dist.config import Config
+from pix2pix_dist.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -43,6 +43,16 @@ GRID_PADDING = 2
 def tracker_for(cfg: Config) -> str | None:
     """What to pass as `Accelerator(log_with=...)`."""
     return None if cfg.log.tracker == "none" else cfg.log.tracker
+
+
+def check_tracker(tracker: str) -> None:
+    """Refuse, in one line, a wandb setup that would prompt for an API key: wandb asks on a
+    terminal, and a batch job would wait on it forever. Cheap: call it before any real work."""
+    mode = os.environ.get("WANDB_MODE")
+    if tracker == "wandb" and mode in ("online", "run") and not _wandb_credentials_configured():
+        raise ConfigError(
+            f"WANDB_MODE={mode} but no W&B credentials are configured: set WANDB_API_KEY "
+            "or run `wandb login`, or unset WANDB_MODE to log offline")
 
 
 class RunTracker:
@@ -86,14 +96,9 @@ class RunTracker:
             _write_atomic(id_path, run_id + "\n")
         kwargs: dict[str, Any] = dict(dir=str(self.run_dir), name=self.run_dir.name, id=run_id,
                                       resume="allow")
-        mode = os.environ.get("WANDB_MODE")
-        if mode is None and not _wandb_credentials_configured():
+        check_tracker(self.kind)
+        if os.environ.get("WANDB_MODE") is None and not _wandb_credentials_configured():
             kwargs["mode"] = "offline"
-        elif mode in ("online", "run") and not _wandb_credentials_configured():
-            # wandb would ask for an API key on a terminal (or hang a batch job waiting on one).
-            raise RuntimeError(
-                f"WANDB_MODE={mode} but no W&B credentials are configured: set WANDB_API_KEY "
-                "or run `wandb login`, or unset WANDB_MODE to log offline")
         return kwargs
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:

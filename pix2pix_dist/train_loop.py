@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
+import os
 import signal
 import sys
 import time
@@ -22,13 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import (CheckpointError, load_checkpoint, load_latest, save_checkpoint,
-                          set_rng_state)
+from .checkpoints import (CheckpointError, latest_loadable, list_checkpoints, load_checkpoint,
+                          save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, help_text, parse_args
 from .data import DataError, build_loader, lab_to_rgb
 from .data.shards_index import find_shards
 from .gan_step import GanStep, build_networks
-from .tracking import RunTracker, tracker_for
+from .tracking import RunTracker, check_tracker, tracker_for
 
 
 @dataclass
@@ -76,7 +78,8 @@ def make_accelerator(cfg: Config):
     precision = cfg.train.mixed_precision
     if precision != "no" and not torch.cuda.is_available():
         # fp16 is refused on CPU and bf16 autocast there is slower than fp32 on most CPUs.
-        print(f"notice: no CUDA device; train.mixed_precision={precision} -> no")
+        if os.environ.get("RANK", "0") == "0":  # before the Accelerator exists: the launcher's rank
+            print(f"notice: no CUDA device; train.mixed_precision={precision} -> no")
         precision = "no"
     # cpu=True on a machine without CUDA: only then does Accelerate join the processes that
     # torchrun / `accelerate launch` started into one gloo group (otherwise each trains alone).
@@ -127,7 +130,48 @@ def fixed_sample_batch(cfg: Config, device: torch.device) -> tuple[torch.Tensor,
     raise DataError(f"no shards in {cfg.data.shards}; write them with `make shards`")
 
 
+def choose_checkpoint(cfg: Config, run_dir: Path, rank: int) -> Path | None:
+    """The checkpoint to resume from, chosen by rank 0 and sent to all ranks: ranks that looked
+    on their own could see different listings (network file systems lag) and diverge."""
+    from accelerate.utils import broadcast_object_list
+
+    chosen: list[str | None] = [None]
+    if rank == 0:
+        existing = list_checkpoints(run_dir)
+        if cfg.ckpt.resume == "never" and existing:
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints up to {existing[-1].name} and "
+                f"ckpt.resume=never would overwrite that run; choose a new run_dir, or "
+                f"ckpt.resume=auto to continue it")
+        if cfg.ckpt.resume == "auto":
+            found = latest_loadable(run_dir)
+            chosen[0] = str(found) if found else None
+        elif cfg.ckpt.resume != "never":
+            chosen[0] = cfg.ckpt.resume
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        broadcast_object_list(chosen, from_process=0)
+    return Path(chosen[0]) if chosen[0] else None
+
+
+def _check_same_model(state: dict, cfg: Config, path: Path) -> None:
+    saved = state.get("model", {})
+    changed = {k: (v, getattr(cfg.model, k)) for k, v in saved.items()
+               if getattr(cfg.model, k, v) != v}
+    if changed:
+        what = ", ".join(f"model.{k}={new!r} (checkpoint: {old!r})" for k, (old, new) in changed.items())
+        raise CheckpointError(f"{path} was saved with a different model: {what}; use the "
+                              f"checkpoint's settings or a new run_dir")
+
+
+def write_status(run_dir: Path, state: str, step: int) -> None:
+    """`status.json`: whether the run finished or was stopped (and must be resumed)."""
+    tmp = run_dir / "status.json.tmp"
+    tmp.write_text(json.dumps({"state": state, "step": step}) + "\n")
+    tmp.replace(run_dir / "status.json")
+
+
 def train(cfg: Config) -> TrainResult:
+    check_tracker(cfg.log.tracker)
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_process = accelerator.is_main_process
@@ -152,16 +196,12 @@ def train(cfg: Config) -> TrainResult:
     nets = build_networks(cfg, accelerator)
     G_raw, D_raw = nets.G_raw, nets.D_raw
     step_fn = GanStep(accelerator, nets, cfg.optim)
-    start_step, nonfinite, resumed_from = 0, 0, None
-    found = None
-    if cfg.ckpt.resume == "auto":
-        found = load_latest(run_dir, rank)
-    elif cfg.ckpt.resume != "never":
-        path = Path(cfg.ckpt.resume)
-        found = (path, *load_checkpoint(path, rank))
-    if found is not None:
-        # Every rank loads the same file, so DDP replicas stay identical.
-        resumed_from, state, rng = found
+    start_step, nonfinite = 0, 0
+    resumed_from = choose_checkpoint(cfg, run_dir, rank)
+    if resumed_from is not None:
+        # Every rank loads the file rank 0 chose, so DDP replicas stay identical.
+        state, rng = load_checkpoint(resumed_from, rank)
+        _check_same_model(state, cfg, resumed_from)
         G_raw.load_state_dict(state["G"])
         D_raw.load_state_dict(state["D"])
         nets.opt_G.load_state_dict(state["opt_G"])
@@ -176,6 +216,10 @@ def train(cfg: Config) -> TrainResult:
     else:
         set_seed(cfg.train.seed, device_specific=True)  # different dropout noise per rank
 
+    if start_step >= cfg.train.steps:
+        say(f"already trained {start_step} of {cfg.train.steps} steps in {run_dir}; nothing to "
+            f"do (raise train.steps to go on)")
+        return TrainResult(start_step, False, nonfinite, run_dir, G_raw, D_raw)
     if main_process:
         cfg.save(run_dir / "config.json")
     tracker = RunTracker(accelerator, cfg, run_dir, resume_step=start_step)
@@ -189,7 +233,7 @@ def train(cfg: Config) -> TrainResult:
             "G": G_raw.state_dict(), "D": D_raw.state_dict(),
             "opt_G": nets.opt_G.state_dict(), "opt_D": nets.opt_D.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-            "step": step, "nonfinite": nonfinite,
+            "step": step, "nonfinite": nonfinite, "model": dataclasses.asdict(cfg.model),
         }
         return save_checkpoint(run_dir, step, state, G_raw, generator_meta(cfg), rank=rank,
                                barrier=accelerator.wait_for_everyone, keep=cfg.ckpt.keep)
@@ -203,11 +247,6 @@ def train(cfg: Config) -> TrainResult:
         G_raw.train()
         tracker.log_grid(step, lab_to_rgb(sample_L, torch.zeros_like(sample_ab)),
                          lab_to_rgb(sample_L, fake), lab_to_rgb(sample_L, sample_ab))
-
-    if start_step >= cfg.train.steps:
-        say(f"already trained {start_step} of {cfg.train.steps} steps; nothing to do")
-        tracker.close()
-        return TrainResult(start_step, False, nonfinite, run_dir, G_raw, D_raw)
 
     # --- the loop ---------------------------------------------------------------------------
     data = batch_stream(loader, start_step)
@@ -251,6 +290,7 @@ def train(cfg: Config) -> TrainResult:
                 scalars = {k: v.item() / n for k, v in sums.items()}
                 scalars.update({
                     "lr": lr, "epoch": step / len(loader), "nonfinite_steps": nonfinite,
+                    "data/skipped_samples": loader.skipped,
                     "perf/images_per_s": tick_steps * images_per_step / elapsed,
                     "perf/data_wait_frac": data_wait / elapsed,
                 })
@@ -272,6 +312,8 @@ def train(cfg: Config) -> TrainResult:
     if progress is not None:
         progress.close()
     tracker.close()
+    if main_process:  # for wrappers (e.g. launch/slurm.sbatch): requeue a stopped run
+        write_status(run_dir, "stopped" if stopped else "finished", step)
     if stopped:
         say(f"stopped by signal at step {step}; checkpoint {path}. "
             f"Run the same command again to resume (ckpt.resume=auto).")

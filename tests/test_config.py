@@ -70,3 +70,16 @@ def test_lr_schedule_constant_then_linear_to_zero():
     assert lr_factor(100, cfg) == 0.0
     cfg.optim.decay_steps = 0
     assert lr_factor(99, cfg) == 1.0
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"data": {"batch_size": null}}', "data.batch_size: expected int, got None"),
+    ('{"data": {"batch_size": 2.5}}', "data.batch_size: expected int, got 2.5"),
+    ('{"train": {"compile": 1}}', "train.compile: expected bool, got 1"),
+    ('[1, 2]', "must hold a JSON object"),
+])
+def test_config_file_values_are_type_checked(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        build_config(config_file=str(path))

@@ -253,3 +253,31 @@ def test_reads_the_shard_writers_output(sample_shards, backend):
         batches = epoch(ld)
         assert len(batches) == len(ld) >= 1
         assert all(L.shape == (2, 1, 64, 64) and ab.shape == (2, 2, 64, 64) for L, ab in batches)
+
+
+def test_interrupted_shard_folder_is_refused_not_half_used(sample_shards, tmp_path):
+    import shutil
+
+    from pix2pix_dist.data.shards_index import find_shards
+
+    partial = tmp_path / "partial"
+    shutil.copytree(sample_shards, partial)
+    (partial / "manifest.json").unlink()  # the writer removes it while working
+    (partial / "progress.json").write_text("{}")
+    with pytest.raises(DataError, match="incomplete .*run the same command again"):
+        find_shards(partial, "train")
+
+
+def test_malformed_manifest_entry_is_a_one_line_error(sample_shards, tmp_path):
+    import json
+    import shutil
+
+    from pix2pix_dist.data.shards_index import find_shards
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sample_shards, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    del manifest["splits"]["train"]["shards"][0]["tar"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="malformed shard entry"):
+        find_shards(broken, "train")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from pix2pix_dist.config import ConfigError
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -178,7 +180,7 @@ def test_tensorboard_writes_events(tmp_path):
 
 def test_online_mode_without_credentials_refuses_instead_of_prompting(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "online")
-    with pytest.raises(RuntimeError, match="no W&B credentials"):
+    with pytest.raises(ConfigError, match="no W&B credentials"):
         make_tracker(tmp_path / "run", "wandb")
 
 

@@ -205,3 +205,46 @@ def test_colorize_keeps_size_and_skips_unreadable_files(demo_run, tmp_path):
     bad = run_python(["-m", "pix2pix_dist.colorize", "--generator", str(tmp_path / "none"),
                       str(inputs)])
     assert bad.returncode == 2 and bad.stderr.startswith("error: no generator export")
+
+
+def test_resume_refuses_mixing_runs_and_skips_damaged_checkpoints(sample_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    base = ["train.py", *TINY, f"data.shards={sample_shards}", f"run_dir={run_dir}",
+            "log.tracker=none", "log.every=2", "ckpt.every=2", "ckpt.keep=3"]
+    first = run_python([*base, "train.steps=6"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((run_dir / "status.json").read_text()) == {"state": "finished", "step": 6}
+
+    fresh = run_python([*base, "train.steps=6", "ckpt.resume=never"])
+    assert fresh.returncode == 2 and "Traceback" not in fresh.stderr
+    assert "already holds checkpoints up to step-00000006" in fresh.stderr
+    other_model = run_python([*base, "train.steps=8", "model.ngf=8"])
+    assert other_model.returncode == 2 and "Traceback" not in other_model.stderr
+    assert "model.ngf=8 (checkpoint: 16)" in other_model.stderr
+
+    newest = run_dir / "checkpoints" / "step-00000006" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a save cut short by a crash
+    resumed = run_python([*base, "train.steps=8"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipping damaged checkpoint" in resumed.stdout
+    assert "at step 4" in resumed.stdout and "done: 8 steps" in resumed.stdout
+    assert [r["step"] for r in stats(run_dir)] == [2, 4, 6, 8]  # 6 logged again after resume
+
+    again = run_python([*base, "train.steps=8"])
+    assert again.returncode == 0 and "already trained 8 of 8 steps" in again.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "0"], "--size 0 must be a positive multiple of 64"),
+    (["--size", "100"], "--size 100 must be a positive multiple of 64"),
+    (["--device", "cuda:0"], "no CUDA device is available"),
+])
+def test_colorize_rejects_bad_options_in_one_line(demo_run, tmp_path, args, message):
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = run_python(["-m", "pix2pix_dist.colorize", "--generator",
+                       str(demo_run[0] / "generator.safetensors"), *args, str(tmp_path),
+                       "--output", str(tmp_path / "out")])
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line

@@ -41,6 +41,10 @@ def find_shards(root: str | Path, split: str) -> ShardSet:
     """The shards of `split` under `root`, in reading order; DataError if there are none."""
     root = Path(root)
     manifest = root / "manifest.json"
+    if not manifest.is_file() and (root / "progress.json").is_file():
+        # The writer removes the manifest while it works and writes it last.
+        raise DataError(f"the shards in {root} are incomplete (an interrupted or running "
+                        f"`make shards`); run the same command again to finish them")
     shards = _from_manifest(manifest, split) if manifest.is_file() else _from_glob(root, split)
     if not shards:
         raise DataError(f"no {split} shards in {root} (expected manifest.json or {split}-*.tar); "
@@ -52,18 +56,22 @@ def _from_manifest(manifest: Path, split: str) -> list[Shard]:
     try:
         data = json.loads(manifest.read_text())
         entries = data["splits"].get(split, {}).get("shards", []) if "splits" in data else None
-    except (OSError, ValueError, AttributeError) as exc:
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
         raise DataError(f"cannot read {manifest}: {exc}") from None
     if entries is None or data.get("format") != MANIFEST_FORMAT:
         raise DataError(f"{manifest} is not a {MANIFEST_FORMAT} manifest; rewrite with `make shards`")
     shards = []
     for entry in entries:
-        tar = manifest.parent / entry["tar"]
+        try:
+            tar, samples = manifest.parent / entry["tar"], int(entry["samples"])
+            index = manifest.parent / entry["index"] if entry.get("index") else None
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise DataError(f"{manifest} has a malformed shard entry {entry!r}; "
+                            f"rewrite the shards with `make shards`") from None
         if not tar.is_file():
             raise DataError(f"{manifest} lists {entry['tar']} but {tar} is missing; "
                             f"rewrite the shards with `make shards`")
-        index = manifest.parent / entry["index"] if entry.get("index") else None
-        shards.append(Shard(tar, index if index and index.is_file() else None, int(entry["samples"])))
+        shards.append(Shard(tar, index if index and index.is_file() else None, samples))
     return shards
 
 
