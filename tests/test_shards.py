@@ -20,7 +20,8 @@ from PIL import Image
 from pix2pix_dist.shards import ShardError, ShardOptions, build_shards, verify_shards
 from pix2pix_dist.shards.build import val_count
 from pix2pix_dist.shards.index import index_from_tar
-from pix2pix_dist.shards.options import parse_shard_size
+from pix2pix_dist.shards.images import jpeg_sof
+from pix2pix_dist.shards.options import parse_max_bytes, parse_shard_size
 from pix2pix_dist.shards.sources import Source, Candidate, assign_keys, sample_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,6 +196,10 @@ def test_parse_shard_size():
     for bad in ("abc", "0", "1.5", "12XB", -3):
         with pytest.raises(ShardError):
             parse_shard_size(bad)
+    assert parse_max_bytes("64MB") == 64_000_000 and parse_max_bytes(5000) == 5000
+    for bad in ("0", "x", "1XB", True):
+        with pytest.raises(ShardError, match="--max-bytes"):
+            parse_max_bytes(bad)
 
 
 def test_keys_are_sanitized_and_unique():
@@ -242,6 +247,28 @@ def test_separate_val_source(tmp_path):
     assert set(read_samples(tmp_path / "out", "val")) == {Path(n).stem for n in COLOUR_PHOTOS[5:]}
 
 
+def test_val_source_ignores_val_fraction_and_shares_limit(tmp_path):
+    for folder, names in (("tr", COLOUR_PHOTOS[:5]), ("va", COLOUR_PHOTOS[5:])):
+        (tmp_path / folder).mkdir()
+        for n in names:
+            photo(n).save(tmp_path / folder / (Path(n).stem + ".png"))
+    # --val-fraction 0 used to cap the val source at 0 samples: the val source was dropped silently.
+    m = build_shards(opts(tmp_path / "tr", tmp_path / "a", val_source=tmp_path / "va", val_fraction=0.0, limit=4))
+    assert (m["splits"]["train"]["samples"], m["splits"]["val"]["samples"]) == (2, 2)  # 5:3 files, rounded
+    build_shards(opts(tmp_path / "tr", tmp_path / "b", val_source=tmp_path / "va", val_fraction=0.5, limit=4))
+    assert shard_files(tmp_path / "a") == shard_files(tmp_path / "b")
+    with pytest.raises(ShardError, match="same as --source"):
+        build_shards(opts(tmp_path / "tr", tmp_path / "c", val_source=tmp_path / "tr" / ".." / "tr"))
+
+
+def test_limit_above_usable_images_is_noted(tmp_path):
+    r = run_cli("--source", "sample", "--output", str(tmp_path / "o"), "--limit", "100", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "  note: --limit 100 asked, only 11 usable images" in r.stdout.splitlines()
+    r = run_cli("--source", "sample", "--output", str(tmp_path / "o2"), "--limit", "5", "--no-progress")
+    assert r.returncode == 0 and "note:" not in r.stdout
+
+
 # -- bad and unusual inputs ----------------------------------------------------------------------
 
 
@@ -271,6 +298,9 @@ def weird(tmp_path_factory) -> Path:
     photo("ihc.png").save(d / "nested" / "my photos" / "img.v2 final.WEBP", "WEBP")
     (d / "nested" / "readme.txt").write_text("ignored: not an image extension")
     (d / "._good.jpg").write_bytes(b"AppleDouble junk")  # hidden: ignored
+    (d / "dangling.jpg").symlink_to(d / "deleted-long-ago.jpg")
+    (d / "cut_header.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00")  # ends inside the APP0 marker
+    (d / "progressive.jpg").write_bytes(jpeg_bytes(photo("rocket.jpg"), progressive=True))
     return d
 
 
@@ -283,12 +313,14 @@ def weird_shards(weird, tmp_path_factory) -> tuple[Path, dict, dict]:
 
 def test_bad_inputs_are_skipped_by_reason(weird_shards):
     _, m, samples = weird_shards
-    assert m["skipped"] == {"corrupt": 1, "truncated": 1, "empty": 1, "not_an_image": 1, "grayscale": 2,
-                            "too_small": 1}
+    assert m["skipped"] == {"corrupt": 1, "truncated": 2, "empty": 1, "not_an_image": 1, "grayscale": 2,
+                            "too_small": 1, "unreadable": 1}
     assert sorted(m["skipped_examples"]["grayscale"]) == ["gray_L.png", "gray_rgb.JPG"]  # shuffled order
-    assert m["skipped_examples"]["truncated"] == ["truncated.jpg"]
+    assert sorted(m["skipped_examples"]["truncated"]) == ["cut_header.jpg", "truncated.jpg"]
+    assert m["skipped_examples"]["unreadable"] == ["dangling.jpg"]  # counted, not silently dropped
     assert m["skipped_examples"]["not_an_image"] == ["notes.png"]
-    assert sorted(samples) == ["cmyk", "good", "nested_my_photos_img_v2_final", "palette", "rgba", "rotated"]
+    assert sorted(samples) == ["cmyk", "good", "nested_my_photos_img_v2_final", "palette", "progressive",
+                               "rgba", "rotated"]
     assert m["splits"]["val"]["samples"] == 0 and m["splits"]["val"]["shards"] == []
 
 
@@ -300,6 +332,11 @@ def test_conversions(weird, weird_shards):
         assert im.size == (meta["width"], meta["height"])
         assert not im.getexif().get(0x0112), key  # no orientation left for a reader to re-apply
     assert samples["good"][0] == (weird / "good.jpg").read_bytes()
+    # Progressive JPEGs are re-encoded to baseline (SOF0) for the A100/H100 hardware decoder.
+    assert jpeg_sof((weird / "progressive.jpg").read_bytes())[0] == 0xC2
+    prog_jpg, prog_meta = samples["progressive"]
+    assert jpeg_sof(prog_jpg)[0] == 0xC0 and prog_meta["changes"] == ["to_baseline"] and prog_meta["reencoded"]
+    assert jpeg_sof(samples["good"][0])[0] == 0xC0
     assert samples["cmyk"][1]["mode"] == "CMYK" and samples["cmyk"][1]["reencoded"]
     assert samples["rgba"][1]["changes"] == ["alpha_on_white", "to_jpeg"]
     assert samples["palette"][1]["mode"] == "P"
@@ -324,6 +361,28 @@ def test_resize_downscales_only(weird, tmp_path):
     assert read_samples(tmp_path / "big", "train")["good"][1]["reencoded"] is False
 
 
+def test_files_above_max_bytes_are_skipped_unread(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    small = jpeg_bytes(photo("coffee.png"))
+    (src / "small.jpg").write_bytes(small)
+    (src / "big.jpg").write_bytes(jpeg_bytes(photo("chelsea.png", 600)))
+    assert len(small) < 30_000 < (src / "big.jpg").stat().st_size
+    m = build_shards(opts(src, tmp_path / "o", max_bytes="30kB", val_fraction=0.0))
+    assert m["skipped"] == {"too_large": 1} and m["skipped_examples"]["too_large"] == ["big.jpg"]
+    assert m["args"]["max_bytes"] == "30kB"
+    # A zip bomb: a member listed as 70 MB that deflates from a few KB. Its zeros would be
+    # "not_an_image" if they were inflated; the default --max-bytes 64MB skips it from the listing.
+    zpath = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("photo.jpg", small)
+        zf.writestr("bomb.png", bytes(70_000_000))
+    assert zpath.stat().st_size < 200_000
+    m = build_shards(opts(zpath, tmp_path / "z", val_fraction=0.0))
+    assert m["skipped"] == {"too_large": 1} and m["skipped_examples"]["too_large"] == ["bomb.png"]
+    assert m["splits"]["train"]["samples"] == 1
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 
@@ -341,6 +400,9 @@ def test_cli_errors_are_one_line(tmp_path):
         (["--source", "sample", "--output", str(tmp_path / "afile" / "out")], "not writable"),
         (["--source", "sample", "--output", str(tmp_path / "o3"), "--val-fraction", "1.5"], "--val-fraction"),
         (["--verify"], "--output"),
+        (["--source", "sample", "--val-source", str(sample_dir()), "--output", str(tmp_path / "o5")],
+         "--val-source is the same as --source"),
+        (["--source", "sample", "--output", str(tmp_path / "o6"), "--max-bytes", "lots"], "--max-bytes"),
     ]
     for args, needle in cases:
         r = run_cli(*args, "--no-progress")
@@ -370,6 +432,25 @@ def test_verify_catches_flipped_byte(sample_shards, tmp_path):
     assert run_cli("--verify", "--output", str(sample_shards[0])).returncode == 0
     (out / "val-000000.idx").write_text("v1.2 0\n")
     assert any("val-000000.idx" in p for p in verify_shards(out))
+
+
+@pytest.mark.parametrize("manifest", [
+    [], {"format": "pix2pix_dist-shards/1", "splits": 5}, {"splits": {"train": [], "val": None}},
+    {"splits": {"train": {"samples": 1, "shards": [{"tar": "train-000000.tar"}]}, "val": {"shards": [7]}}},
+    {"splits": {"train": {"samples": 1, "shards": [
+        {"tar": "../../etc/passwd", "index": "x.idx", "samples": 1, "bytes": 1, "sha256": "0"}]}}},
+])
+def test_verify_reports_malformed_manifest(sample_shards, tmp_path, manifest):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(sample_shards[0], out)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify_shards(out, workers=1)
+    assert problems and all(isinstance(p, str) for p in problems)
+    assert any(p.startswith("manifest.json: ") for p in problems)
+    r = run_cli("--verify", "--output", str(out))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "manifest.json" in r.stderr
 
 
 # -- atomic and resumable ------------------------------------------------------------------------
@@ -423,14 +504,19 @@ def test_interrupted_run_resumes_to_identical_output(sample_shards, tmp_path, mo
     assert all((out / n).stat().st_ino == ino for n, ino in kept.items())
 
 
-def test_ctrl_c_on_cli_is_one_line_and_resumable(tmp_path):
-    src = tmp_path / "many"
-    src.mkdir()
+@pytest.fixture(scope="module")
+def many_pngs(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("many")
     rng = np.random.default_rng(0)
     base = np.asarray(photo("coffee.png", 200))
     for i in range(120):  # PNGs must be re-encoded: slow enough to interrupt mid-run
         noisy = np.clip(base.astype(np.int16) + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
         Image.fromarray(noisy).save(src / f"{i:04d}.png", compress_level=1)
+    return src
+
+
+def test_ctrl_c_on_cli_is_one_line_and_resumable(many_pngs, tmp_path):
+    src = many_pngs
     out = tmp_path / "out"
     args = ["--source", str(src), "--output", str(out), "--shard-size", "2", "--workers", "1", "--no-progress"]
     proc = subprocess.Popen([PY, "-m", "pix2pix_dist.shards", *args], cwd=REPO, stdout=subprocess.PIPE,
@@ -453,3 +539,61 @@ def test_ctrl_c_on_cli_is_one_line_and_resumable(tmp_path):
     ref = tmp_path / "ref"
     build_shards(opts(src, ref, shard_size=2, workers=2))
     assert shard_files(out) == shard_files(ref)
+
+
+def test_killed_worker_is_one_line_error_and_resumable(many_pngs, tmp_path):
+    """A worker killed by the OOM killer (here: SIGKILL) must end the run, not hang it forever."""
+    import psutil
+
+    out = tmp_path / "out"
+    args = ["--source", str(many_pngs), "--output", str(out), "--shard-size", "2", "--workers", "2",
+            "--no-progress", "--resize", "150"]
+    proc = subprocess.Popen([PY, "-m", "pix2pix_dist.shards", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (out / "train-000000.tar").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    try:
+        workers = psutil.Process(proc.pid).children()
+    except psutil.NoSuchProcess:
+        workers = []
+    if workers:
+        os.kill(workers[0].pid, signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the writer hangs after a worker process died")
+    if proc.returncode == 0:
+        pytest.skip("the run finished before a worker could be killed")
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: a worker process died (out of memory?) while processing ")
+    assert lines[0].endswith("; complete shards are kept, run the same command again to resume")
+    assert str(many_pngs) in lines[0]
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
+    kept = {p.name: p.stat().st_ino for p in out.glob("*.tar")}
+    assert kept
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert all((out / n).stat().st_ino == ino for n, ino in kept.items())
+    ref = tmp_path / "ref"
+    build_shards(opts(many_pngs, ref, shard_size=2, workers=1, resize=150))
+    assert shard_files(out) == shard_files(ref)
+
+
+def test_broken_pool_becomes_shard_error(tmp_path):
+    """The mapping itself, through a real process pool whose worker exits mid-task."""
+    from pix2pix_dist.shards.images import ImageSettings
+    from pix2pix_dist.shards.pool import Executor, Task
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    ex = Executor([("folder", str(tmp_path))], ImageSettings(), workers=2)
+    try:
+        ex.pool.submit(os._exit, 1)  # the way an OOM-killed worker leaves: no exception, just gone
+        with pytest.raises(ShardError, match=r"a worker process died \(out of memory\?\) while processing .*a.png"):
+            for _ in range(50):
+                list(ex.map([Task(0, i, "a.png", f"k{i}", 1) for i in range(20)]))
+                time.sleep(0.05)
+    finally:
+        ex.close(terminate=True)

@@ -31,7 +31,7 @@ import pix2pix_dist
 
 from .errors import ShardError
 from .images import ImageSettings
-from .options import ShardLimit, ShardOptions, parse_shard_size, validate
+from .options import ShardLimit, ShardOptions, parse_max_bytes, parse_shard_size, validate
 from .pool import Executor, Result, Task
 from .progress import Progress
 from .sources import Source, assign_keys, open_source
@@ -72,7 +72,8 @@ class Stream:
 
     def task(self, pos: int) -> Task:
         c = self.order[pos]
-        return Task(self.index, pos, self.source.candidates[c].relpath, self.keys[c])
+        cand = self.source.candidates[c]
+        return Task(self.index, pos, cand.relpath, self.keys[c], cand.size)
 
 
 class SplitWriter:
@@ -178,20 +179,27 @@ class Builder:
         self.opts, self.log = opts, log
         self.limit = parse_shard_size(opts.shard_size)
         self.settings = ImageSettings(min_size=opts.min_size, resize=opts.resize, quality=opts.quality,
-                                      gray_tolerance=opts.gray_tolerance)
+                                      gray_tolerance=opts.gray_tolerance,
+                                      max_bytes=parse_max_bytes(opts.max_bytes))
         self.workers = opts.workers or os.cpu_count() or 1
 
         # Sources are listed before the output is touched: a missing or empty source leaves nothing.
         sources = [open_source(opts.source)]
         if opts.val_source is not None:
             sources.append(open_source(opts.val_source))
+            if sources[1].path == sources[0].path:
+                raise ShardError(f"--val-source is the same as --source ({sources[0].path}): give separate "
+                                 f"validation images, or leave --val-source out to split by --val-fraction")
         self.sources = sources
         self.out = Path(opts.output) if opts.output is not None else Path("shards") / sources[0].name
         keys = assign_keys(sources)
         if len(sources) == 1:
             self.streams = [Stream(0, sources[0], keys[0], opts.seed, opts.limit, None)]
         else:
-            n_val = val_count(opts.limit, opts.val_fraction) if opts.limit else None
+            # A separate val source is the split, so --val-fraction plays no part; --limit (a
+            # random subset of all the images) is shared in proportion to the two file counts.
+            n_train, n_val_files = len(sources[0].candidates), len(sources[1].candidates)
+            n_val = val_count(opts.limit, n_val_files / (n_train + n_val_files)) if opts.limit else None
             train_cap = opts.limit - n_val if opts.limit and n_val is not None else None
             self.streams = [Stream(0, sources[0], keys[0], opts.seed, train_cap, "train"),
                             Stream(1, sources[1], keys[1], opts.seed, n_val, "val")]
@@ -216,7 +224,8 @@ class Builder:
             "format": FORMAT, "version": pix2pix_dist.__version__,
             "sources": [s.fingerprint() for s in self.sources],
             "settings": asdict(self.settings), "limit": self.opts.limit, "seed": self.opts.seed,
-            "val_fraction": self.opts.val_fraction, "val_source": len(self.sources) > 1,
+            "val_fraction": self.opts.val_fraction if len(self.sources) == 1 else None,
+            "val_source": len(self.sources) > 1,
             "shard": [self.limit.max_samples, self.limit.max_bytes],
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()

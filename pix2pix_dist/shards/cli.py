@@ -31,7 +31,9 @@ progress.json (what lets an interrupted or repeated run keep its finished shards
 
 images are converted to RGB (CMYK, palette, 16-bit; transparency on white), EXIF-rotated, and
 dropped when grayscale (also RGB files whose channels are nearly equal), smaller than --min-size,
-or unreadable (corrupt, truncated, empty, not an image); JPEGs needing no change keep their bytes.
+larger than --max-bytes, or unreadable (corrupt, truncated, empty, not an image, dangling link).
+baseline RGB JPEGs needing no change keep their bytes; progressive and other non-baseline JPEGs
+are re-encoded to baseline (the A100/H100 hardware JPEG decoder only takes baseline).
 exit status: 0 ok, 1 verify found problems, 2 bad arguments/source/output, 130 interrupted.
 """
 
@@ -51,11 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--output", type=Path, default=None, metavar="DIR",
       help="output folder (default: shards/<dataset>, dataset = 'sample' or the folder/zip name)")
     a("--val-source", default=None, metavar="PATH",
-      help="separate validation images (e.g. val2017); default: split --source by --val-fraction")
+      help="separate validation images (e.g. val2017): val is exactly these and --val-fraction is "
+           "not used; default: split --source by --val-fraction")
     a("--val-fraction", type=float, default=d.val_fraction, metavar="F",
-      help="share of samples for val, 0 <= F < 1; at least one when F > 0 and there are >= 2 (default: %(default)s)")
+      help="share of samples for val, 0 <= F < 1; at least one when F > 0 and there are >= 2; ignored "
+           "with --val-source (default: %(default)s)")
     a("--limit", type=int, default=None, metavar="N",
-      help="write N samples in total (train + val), a random subset chosen by --seed (default: all)")
+      help="write N samples in total (train + val), a random subset chosen by --seed; with --val-source, "
+           "N is shared between the sources in proportion to their image counts (default: all)")
     a("--seed", type=int, default=d.seed, help="seed of subset, split and shuffle (default: %(default)s)")
     a("--shard-size", default=d.shard_size, metavar="SIZE",
       help="max tar size: 256MB, 1GB, 512MiB..., or a plain number of samples per tar (default: %(default)s)")
@@ -68,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gray-tolerance", type=int, default=d.gray_tolerance, metavar="T",
       help="a pixel is gray when max(R,G,B) - min(R,G,B) <= T; images with <= 1%% non-gray pixels are "
            "dropped (default: %(default)s)")
+    a("--max-bytes", default=d.max_bytes, metavar="SIZE",
+      help="skip files larger than SIZE (64MB, 1GB or bytes) as too_large, without reading them: "
+           "zip bombs, huge scans (default: %(default)s)")
     a("--workers", type=int, default=None, metavar="N",
       help="decode/convert processes (default: all cores); the output does not depend on it")
     a("--no-progress", dest="progress", action="store_false",
@@ -107,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             source=args.source or "sample", output=args.output, val_source=args.val_source,
             val_fraction=args.val_fraction, limit=args.limit, seed=args.seed, shard_size=args.shard_size,
             resize=args.resize, quality=args.quality, min_size=args.min_size, workers=args.workers,
-            progress=args.progress, gray_tolerance=args.gray_tolerance)
+            progress=args.progress, gray_tolerance=args.gray_tolerance,
+            max_bytes=args.max_bytes)
         t0 = time.perf_counter()
         manifest = build_shards(opts)
         print(format_summary(manifest, time.perf_counter() - t0))

@@ -16,9 +16,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Modes that carry no colour at all: rejected from the header, before decoding any pixel.
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
-# SOF markers the GPU decoders (nvJPEG) and every common reader handle: baseline (C0), extended
-# sequential (C1) and progressive (C2) Huffman. Arithmetic-coded or lossless JPEGs get re-encoded.
-PASSTHROUGH_SOF = {0xC0, 0xC1, 0xC2}
+# SOF markers whose bytes we keep: baseline (C0) and extended sequential (C1) Huffman. The
+# hardware JPEG decoder of A100/H100 (nvJPEG's hardware backend) only takes these; progressive
+# (C2), arithmetic-coded and lossless JPEGs would fall back to slow decoding, so they are re-encoded.
+PASSTHROUGH_SOF = {0xC0, 0xC1}
 EXIF_ORIENTATION = 0x0112
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 
@@ -35,6 +36,8 @@ class ImageSettings:
     """A pixel counts as coloured when max(R,G,B) - min(R,G,B) exceeds this (0..255)."""
     gray_fraction: float = 0.01
     """An image is grayscale when at most this share of its pixels are coloured."""
+    max_bytes: int = 64_000_000
+    """Files larger than this (as listed) are skipped unread: zip bombs, huge scans."""
 
 
 @dataclass(frozen=True)
@@ -62,17 +65,17 @@ def _looks_like_text(data: bytes) -> bool:
     return not any(b < 9 or 13 < b < 32 for b in head)
 
 
-def jpeg_sof(data: bytes) -> tuple[int, int, int] | None:
-    """(SOF marker, sample precision, components) of a JPEG, or None when no frame header is found.
-
-    PIL does not expose the frame type directly; walking the marker segments is cheap (headers
-    only) and tells us whether the original bytes are safe to keep as they are.
-    """
+def _jpeg_frame(data: bytes) -> tuple[int, int, int] | str | None:
+    """Walk a JPEG's marker segments (headers only) up to its frame header: (SOF marker, sample
+    precision, components), "truncated" when the data ends first, None when it is not a JPEG or
+    has no frame header before its scan."""
     n = len(data)
-    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+    if n < 2 or data[0] != 0xFF or data[1] != 0xD8:
         return None
     i = 2
-    while i + 4 <= n:
+    while True:
+        if i + 2 > n:
+            return "truncated"
         if data[i] != 0xFF:
             return None
         marker = data[i + 1]
@@ -84,13 +87,22 @@ def jpeg_sof(data: bytes) -> tuple[int, int, int] | None:
             continue
         if marker in (0xDA, 0xD9):  # start of scan / end of image: no frame header before it
             return None
+        if i + 4 > n:
+            return "truncated"
         length = (data[i + 2] << 8) | data[i + 3]
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if i + 10 > n:
-                return None
-            return marker, data[i + 4], data[i + 9]
+            return (marker, data[i + 4], data[i + 9]) if i + 10 <= n else "truncated"
         i += 2 + length
-    return None
+
+
+def jpeg_sof(data: bytes) -> tuple[int, int, int] | None:
+    """(SOF marker, sample precision, components) of a JPEG, or None when no frame header is found.
+
+    PIL does not expose the frame type directly; walking the marker segments is cheap (headers
+    only) and tells us whether the original bytes are safe to keep as they are.
+    """
+    frame = _jpeg_frame(data)
+    return frame if isinstance(frame, tuple) else None
 
 
 def is_grayscale(im: Image.Image, tolerance: int, fraction: float) -> bool:
@@ -139,13 +151,15 @@ def convert_image(data: bytes, settings: ImageSettings) -> Converted | Rejected:
         except Image.DecompressionBombError as e:
             return Rejected("too_large", str(e))
         except UnidentifiedImageError:
+            if _jpeg_frame(data) == "truncated":  # cut inside its headers: not a format problem
+                return Rejected("truncated", "file ends inside the JPEG header")
             if data.startswith(_IMAGE_MAGIC) or data[8:12] == b"WEBP":
                 # An image format PIL knows, in a variant it cannot read (e.g. float64 TIFF).
                 return Rejected("unsupported", "image format variant PIL cannot read")
             return Rejected("not_an_image" if _looks_like_text(data) else "corrupt", "unknown format")
         except OSError as e:
             msg = str(e)
-            if "truncated" in msg or "premature end" in msg.lower():
+            if "truncated" in msg.lower() or "premature end" in msg.lower():
                 return Rejected("truncated", msg)
             return Rejected("corrupt", msg)
         except (ValueError, TypeError, SyntaxError, IndexError, KeyError, EOFError, MemoryError) as e:
@@ -206,10 +220,12 @@ def _convert(data: bytes, s: ImageSettings) -> Converted | Rejected:
         changes.append("resize")
     if fmt != "JPEG":
         changes.append("to_jpeg")
+    elif sof is None or sof[0] not in PASSTHROUGH_SOF:
+        changes.append("to_baseline")  # progressive, arithmetic-coded, lossless...
     elif not changes:
-        changes.append("jpeg_variant")  # e.g. arithmetic-coded, 12-bit or odd component count
+        changes.append("jpeg_variant")  # e.g. 12-bit or an odd component count
     out = io.BytesIO()
-    # Baseline (not progressive): nvJPEG's hardware decoder on A100/H100 only takes baseline.
+    # Baseline (PIL's default, not progressive): see PASSTHROUGH_SOF.
     # No EXIF/ICC is copied: orientation is already applied, so readers must not rotate again.
     im.save(out, "JPEG", quality=s.quality)
     meta.update(width=im.width, height=im.height, reencoded=True, changes=changes)

@@ -8,6 +8,7 @@ DALI's `fn.readers.webdataset` seeks straight to samples instead of parsing ever
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 INDEX_VERSION = "v1.2"
@@ -23,27 +24,36 @@ def render_index(samples: list[list[str]]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    # Same rule as wds2idx/webdataset: the key ends at the first dot of the last path element.
+def split_name(name: str) -> tuple[str, str]:
+    """(key, extension) of a member name. Same rule as wds2idx/webdataset: the key ends at the
+    first dot of the last path element."""
     dot = name.find(".", name.rfind("/") + 1)
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
+def group_samples(members: Iterable[tarfile.TarInfo]) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
+    """(key, members) per sample: consecutive regular files sharing a key, in tar order. Other
+    members (folders, links, names without a key) are left out, as wds2idx leaves them out."""
+    key, group = None, []
+    for m in members:
+        base, _ = split_name(m.name)
+        if not m.isreg() or not base or base.endswith("/"):
+            continue
+        if base != key and group:
+            yield key, group  # type: ignore[misc]
+            group = []
+        key = base
+        group.append(m)
+    if group:
+        yield key, group  # type: ignore[misc]
+
+
+def sample_entry(members: list[tarfile.TarInfo]) -> list[str]:
+    """One sample's index line, as `component(...)` strings."""
+    return [component(split_name(m.name)[1], m.offset_data, m.size, m.name) for m in members]
+
+
 def index_from_tar(path: Path) -> bytes:
-    """Recompute a tar's index by reading its headers (used by verify)."""
-    samples: list[list[str]] = []
-    last = None
+    """Recompute a tar's index by reading its headers only (what `wds2idx` does)."""
     with tarfile.open(path, "r:") as tf:
-        for m in tf:
-            if not m.isreg():
-                continue
-            base, ext = _split_name(m.name)
-            if not base or base.endswith("/"):
-                continue
-            entry = component(ext, m.offset_data, m.size, m.name)
-            if base != last:
-                samples.append([entry])
-                last = base
-            else:
-                samples[-1].append(entry)
-    return render_index(samples)
+        return render_index([sample_entry(ms) for _, ms in group_samples(tf)])

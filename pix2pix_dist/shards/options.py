@@ -21,9 +21,11 @@ class ShardOptions:
     val_source: str | os.PathLike | None = None
     """Separate validation images (e.g. COCO val2017); None splits `source` by `val_fraction`."""
     val_fraction: float = 0.2
-    """Share of the samples that go to val (0 <= f < 1); at least one when f > 0 and n >= 2."""
+    """Share of the samples that go to val (0 <= f < 1); at least one when f > 0 and n >= 2.
+    Unused with `val_source`: then val is exactly that source."""
     limit: int | None = None
-    """Total samples to write (train + val), a seeded random subset; None takes everything."""
+    """Total samples to write (train + val), a seeded random subset; None takes everything.
+    With `val_source` it is divided between the two sources in proportion to their file counts."""
     seed: int = 0
     """Seed of the subset, the split and the write-time shuffle."""
     shard_size: str | int = "256MB"
@@ -40,15 +42,15 @@ class ShardOptions:
     """Progress bar (TTY) or a few status lines (non-TTY) and notices on stderr."""
     gray_tolerance: int = 10
     """Channel spread (max-min of R,G,B, 0..255) below which a pixel counts as gray."""
+    max_bytes: str | int = "64MB"
+    """Files larger than this ('64MB', '1GiB' or a number of bytes) are skipped as `too_large`
+    without being read: a zip bomb or a huge scan must not exhaust a worker's memory."""
 
 
 @dataclass(frozen=True)
 class ShardLimit:
     max_samples: int | None
     max_bytes: int | None
-
-    def describe(self) -> str:
-        return f"{self.max_samples} samples" if self.max_samples else f"{self.max_bytes} bytes"
 
 
 def parse_shard_size(value: str | int) -> ShardLimit:
@@ -64,6 +66,16 @@ def parse_shard_size(value: str | int) -> ShardLimit:
     if int(number * unit) < 1:
         raise ShardError(f"invalid shard size {value!r}")
     return ShardLimit(None, int(number * unit))
+
+
+def parse_max_bytes(value: str | int) -> int:
+    """'64MB' -> 64e6, '1GiB' -> 2**30, '5000' or 5000 -> 5000 (a plain number is bytes here)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value)) if not isinstance(value, bool) else None
+    if m and m.group(2).lower() in _UNITS:
+        n = int(float(m.group(1)) * (_UNITS[m.group(2).lower()] or 1))
+        if n >= 1:
+            return n
+    raise ShardError(f"invalid --max-bytes {value!r}: use e.g. 64MB, 1GB or a number of bytes")
 
 
 def validate(opts: ShardOptions) -> None:
@@ -83,3 +95,4 @@ def validate(opts: ShardOptions) -> None:
     if not 0 <= opts.gray_tolerance <= 255:
         raise ShardError(f"--gray-tolerance must be in 0..255, got {opts.gray_tolerance}")
     parse_shard_size(opts.shard_size)
+    parse_max_bytes(opts.max_bytes)

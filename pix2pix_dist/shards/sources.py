@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -25,7 +26,7 @@ class Candidate:
     relpath: str
     """Path relative to the source root (zip: the member name), '/'-separated."""
     size: int
-    """File size in bytes (part of the source fingerprint used to resume)."""
+    """File size in bytes as listed, -1 when unknown (part of the source fingerprint used to resume)."""
 
 
 @dataclass
@@ -83,10 +84,20 @@ def _walk(root: Path) -> list[Candidate]:
             try:
                 if e.is_dir(follow_symlinks=True):
                     stack.append((Path(e.path), rel + "/"))
-                elif _has_image_ext(e.name) and e.is_file(follow_symlinks=True):
-                    out.append(Candidate(rel, e.stat(follow_symlinks=True).st_size))
+                    continue
             except OSError:
-                continue  # dangling symlink and the like
+                pass
+            if not _has_image_ext(e.name):
+                continue
+            try:
+                info = e.stat(follow_symlinks=True)
+            except OSError:
+                # A dangling symlink or a file we may not stat: listed anyway (size unknown), so
+                # reading it fails and it is counted as `unreadable` instead of vanishing silently.
+                out.append(Candidate(rel, -1))
+                continue
+            if stat.S_ISREG(info.st_mode):  # not a FIFO or device named *.jpg: reading could block
+                out.append(Candidate(rel, info.st_size))
     out.sort(key=lambda c: c.relpath)
     return out
 
@@ -191,10 +202,12 @@ class Reader:
         self.kind, self.path = kind, Path(path)
         self._zip: zipfile.ZipFile | None = None
 
-    def read(self, relpath: str) -> bytes:
+    def read(self, relpath: str, limit: int) -> bytes:
+        """The file's bytes, at most limit + 1 of them (more than `limit` means too large)."""
         if self.kind == "zip":
             if self._zip is None:
                 self._zip = zipfile.ZipFile(self.path)
-            return self._zip.read(relpath)
+            with self._zip.open(relpath) as f:
+                return f.read(limit + 1)
         with open(self.path / relpath, "rb") as f:
-            return f.read()
+            return f.read(limit + 1)

@@ -28,6 +28,9 @@ def format_summary(manifest: dict[str, Any], seconds: float | None = None, examp
             more = ", ..." if count > len(ex) else ""
             lines.append(f"    {reason:<13} {count:>7,}  ({', '.join(ex)}{more})")
     total = sum(manifest["splits"][s]["samples"] for s in SPLITS)
+    limit = manifest["args"].get("limit")
+    if limit and total < limit:  # the subset is smaller than asked for: say so, not just the count
+        lines.append(f"  note: --limit {limit} asked, only {total} usable images")
     head = f"wrote {total:,} samples to {out}"
     if seconds is not None:
         head += f" in {seconds:.1f} s"

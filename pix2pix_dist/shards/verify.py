@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing as mp
 import os
 import tarfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from .build import FORMAT, MANIFEST, SHARD_FILE, SPLITS
-from .index import component, render_index
-from .pool import worker_signals
+from .errors import ShardError
+from .index import group_samples, render_index, sample_entry, split_name
+from .pool import start_pool, stop_pool, worker_signals
 from .writer import file_sha256
 
 
@@ -42,39 +44,30 @@ def _check_jpeg(data: bytes, meta: dict[str, Any]) -> str | None:
 
 
 def _verify_shard(out: Path, rec: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(problems, keys) of one shard."""
-    name = rec.get("tar", "?")
-    tar, idx = out / name, out / rec.get("index", "?")
+    """(problems, keys) of one shard; `rec` was checked by `_shard_records`."""
+    name = rec["tar"]
+    tar, idx = out / name, out / rec["index"]
     problems: list[str] = []
     if not tar.is_file():
         return [f"{name}: missing"], []
-    if tar.stat().st_size != rec.get("bytes"):
-        problems.append(f"{name}: size {tar.stat().st_size} != manifest {rec.get('bytes')}")
-    if file_sha256(tar) != rec.get("sha256"):
+    if tar.stat().st_size != rec["bytes"]:
+        problems.append(f"{name}: size {tar.stat().st_size} != manifest {rec['bytes']}")
+    if file_sha256(tar) != rec["sha256"]:
         problems.append(f"{name}: sha256 does not match the manifest")
     keys: list[str] = []
     index: list[list[str]] = []
-    pending: dict[str, bytes] = {}
     try:
-        # One pass over the tar: rebuild its index from the headers and check each sample
-        # as soon as the next one starts (samples are contiguous), so memory stays at one sample.
+        # One pass over the tar: rebuild its index from the headers (the same grouping as
+        # `index_from_tar`) and check each sample as it comes, so memory stays at one sample.
         with tarfile.open(tar, "r:") as tf:
-            for m in tf:
-                if not m.isreg():
-                    problems.append(f"{name}: unexpected member {m.name}")
-                    continue
-                key, _, ext = m.name.partition(".")
-                if not keys or keys[-1] != key:
-                    if keys:
-                        problems.extend(_check_sample(name, keys[-1], pending))
-                    keys.append(key)
-                    index.append([])
-                    pending = {}
-                index[-1].append(component(ext, m.offset_data, m.size, m.name))
-                f = tf.extractfile(m)
-                pending[ext] = f.read() if f else b""
-        if keys:
-            problems.extend(_check_sample(name, keys[-1], pending))
+            for key, members in group_samples(_reported_others(tf, name, problems)):
+                keys.append(key)
+                index.append(sample_entry(members))
+                files = []
+                for m in members:
+                    f = tf.extractfile(m)
+                    files.append((split_name(m.name)[1], f.read() if f else b""))
+                problems.extend(_check_sample(name, key, files))
     except (tarfile.TarError, OSError) as e:
         problems.append(f"{name}: unreadable tar ({e})")
     if not idx.is_file():
@@ -84,27 +77,94 @@ def _verify_shard(out: Path, rec: dict[str, Any]) -> tuple[list[str], list[str]]
             problems.append(f"{idx.name}: sha256 does not match the manifest")
         if idx.read_bytes() != render_index(index):
             problems.append(f"{idx.name}: does not match the member offsets of {name}")
-    if len(keys) != rec.get("samples"):
-        problems.append(f"{name}: {len(keys)} samples, manifest says {rec.get('samples')}")
+    if len(keys) != rec["samples"]:
+        problems.append(f"{name}: {len(keys)} samples, manifest says {rec['samples']}")
     return problems, keys
 
 
-def _check_sample(shard: str, key: str, files: dict[str, bytes]) -> list[str]:
+def _reported_others(members: Iterable[tarfile.TarInfo], shard: str, problems: list[str]) -> Iterator[tarfile.TarInfo]:
+    """Pass members through, reporting those that are no sample file (the grouping skips them)."""
+    for m in members:
+        key = split_name(m.name)[0]
+        if not m.isreg() or not key or "/" in m.name:
+            problems.append(f"{shard}: unexpected member {m.name}")
+        yield m
+
+
+def _check_sample(shard: str, key: str, files: list[tuple[str, bytes]]) -> list[str]:
     where = f"{shard}: sample {key}"
-    if set(files) != {"jpg", "json"}:
-        return [f"{where}: has {sorted(files)}, expected ['jpg', 'json']"]
+    exts = sorted(ext for ext, _ in files)
+    if exts != ["jpg", "json"]:
+        return [f"{where}: has {exts}, expected ['jpg', 'json']"]
+    data = dict(files)
     try:
-        meta = json.loads(files["json"])
+        meta = json.loads(data["json"])
     except ValueError:
         return [f"{where}: metadata is not valid JSON"]
-    if meta.get("key") != key:
-        return [f"{where}: metadata key is {meta.get('key')!r}"]
-    problem = _check_jpeg(files["jpg"], meta)
+    if not isinstance(meta, dict) or meta.get("key") != key:
+        return [f"{where}: metadata key is {meta.get('key') if isinstance(meta, dict) else None!r}"]
+    problem = _check_jpeg(data["jpg"], meta)
     return [f"{where}: {problem}"] if problem else []
 
 
 def _verify_job(job: tuple[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
     return _verify_shard(Path(job[0]), job[1])
+
+
+# What a shard record must hold, and of which type, before any of it is used.
+_RECORD_FIELDS = {"tar": str, "index": str, "samples": int, "bytes": int, "sha256": str}
+
+
+def _shard_records(manifest: Any) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """((split, record) of every well-formed shard record, problems with the rest).
+
+    The manifest is read from disk, so any part of it may be damaged or hand-edited: each level
+    is type-checked here and reported as a problem, never left to raise later. Names must be
+    plain shard file names: a record cannot point verify outside the output folder.
+    """
+    if not isinstance(manifest, dict):
+        return [], [f"{MANIFEST}: not a JSON object"]
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return [], [f"{MANIFEST}: 'splits' is {splits!r}, expected an object with {' and '.join(SPLITS)}"]
+    records, problems = [], []
+    for s in SPLITS:
+        info = splits.get(s)
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list):
+            problems.append(f"{MANIFEST}: split {s!r} has no list of shards")
+            continue
+        for i, rec in enumerate(shards):
+            bad = [k for k, t in _RECORD_FIELDS.items()
+                   if not isinstance(rec, dict) or not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool)]
+            if not bad and not all(SHARD_FILE.match(rec[k]) for k in ("tar", "index")):
+                bad = ["tar", "index"]
+            if bad:
+                problems.append(f"{MANIFEST}: {s} shard {i} has missing or invalid {', '.join(bad)}")
+            else:
+                records.append((s, rec))
+        total = sum(r.get("samples", 0) for r in shards if isinstance(r, dict) and isinstance(r.get("samples"), int))
+        if info.get("samples") != total:
+            problems.append(f"{MANIFEST}: {s} samples {info.get('samples')} != sum over its shards {total}")
+    return records, problems
+
+
+def _run_jobs(jobs: list[tuple[str, dict[str, Any]]], workers: int) -> list[tuple[list[str], list[str]]]:
+    if workers <= 1:
+        return [_verify_job(j) for j in jobs]
+    pool = start_pool(workers, worker_signals)
+    try:
+        futures = [pool.submit(_verify_job, j) for j in jobs]
+        results = []
+        for job, future in zip(jobs, futures):
+            try:
+                results.append(future.result())
+            except BrokenProcessPool:
+                raise ShardError(f"a worker process died (out of memory?) while verifying {job[1]['tar']}; "
+                                 f"run again, or with --workers 1") from None
+        return results
+    finally:
+        stop_pool(pool, terminate=True)
 
 
 def verify_shards(output: Path, workers: int | None = None) -> list[str]:
@@ -118,17 +178,11 @@ def verify_shards(output: Path, workers: int | None = None) -> list[str]:
         return [f"{out / MANIFEST}: missing (no finished build here)"]
     except ValueError as e:
         return [f"{out / MANIFEST}: not valid JSON ({e})"]
-    problems: list[str] = []
-    if manifest.get("format") != FORMAT:
-        problems.append(f"{MANIFEST}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    splits = manifest.get("splits", {})
-    jobs = [(str(out), rec) for s in SPLITS for rec in splits.get(s, {}).get("shards", [])]
-    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs)))
-    if workers > 1:
-        with mp.get_context().Pool(workers, worker_signals) as pool:
-            results = pool.map(_verify_job, jobs, chunksize=1)
-    else:
-        results = [_verify_job(j) for j in jobs]
+    records, problems = _shard_records(manifest)
+    if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
+        problems.insert(0, f"{MANIFEST}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    jobs = [(str(out), rec) for _, rec in records]
+    results = _run_jobs(jobs, min(workers or os.cpu_count() or 1, max(1, len(jobs))))
     seen: dict[str, str] = {}
     for (_, rec), (probs, keys) in zip(jobs, results):
         problems.extend(probs)
@@ -136,12 +190,7 @@ def verify_shards(output: Path, workers: int | None = None) -> list[str]:
             if k in seen:
                 problems.append(f"{rec['tar']}: key {k} also in {seen[k]}")
             seen[k] = rec["tar"]
-    for s in SPLITS:
-        info = splits.get(s, {})
-        total = sum(r.get("samples", 0) for r in info.get("shards", []))
-        if info and info.get("samples") != total:
-            problems.append(f"{MANIFEST}: {s} samples {info.get('samples')} != sum over its shards {total}")
-    listed = {r[k] for _, r in jobs for k in ("tar", "index") if k in r}
+    listed = {r[k] for _, r in jobs for k in ("tar", "index")}
     for p in sorted(out.iterdir()):
         if SHARD_FILE.match(p.name) and p.name not in listed:
             problems.append(f"{p.name}: not listed in {MANIFEST}")
