@@ -286,8 +286,7 @@ def train(cfg: Config) -> TrainResult:
                 progress.update(1)
             if step % cfg.log.every == 0 or step == cfg.train.steps or result.stop:
                 elapsed = time.perf_counter() - tick_start
-                n = max(sums.pop("n").item(), 1) if "n" in sums else 1
-                scalars = {k: v.item() / n for k, v in sums.items()}
+                scalars = _mean_losses(accelerator, sums)
                 scalars.update({
                     "lr": lr, "epoch": step / len(loader), "nonfinite_steps": nonfinite,
                     "data/skipped_samples": loader.skipped,
@@ -320,6 +319,22 @@ def train(cfg: Config) -> TrainResult:
     else:
         say(f"done: {step} steps; checkpoint {path}; generator {run_dir / 'generator.safetensors'}")
     return TrainResult(step, stopped, nonfinite, run_dir, G_raw, D_raw)
+
+
+def _mean_losses(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Average the interval's summed losses over its good steps and over all ranks.
+
+    Every rank holds the same keys (a step's update is skipped on all ranks or none), so one
+    all-reduce of the stacked sums is enough."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    totals = torch.stack([sums[k] for k in keys])
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    values = dict(zip(keys, totals.tolist()))
+    n = values.pop("n")
+    return {k: v / n for k, v in values.items()}
 
 
 def _progress_bar(enabled: bool, start: int, total: int):
