@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import fsync_dir
 from .models import UNetGenerator
 
 PREFIX = "step-"
@@ -47,14 +48,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     found = [p for p in root.iterdir()
              if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_file(obj: Any, path: Path) -> None:
@@ -100,7 +93,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], generator: 
         if final.exists():  # the same step saved again (e.g. a signal right after a save)
             shutil.rmtree(final)
         tmp.rename(final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         export_generator(generator, Path(run_dir) / "generator.safetensors", generator_meta)
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

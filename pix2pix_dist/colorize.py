@@ -10,6 +10,7 @@ size and sharpness. Unreadable inputs are skipped and counted.
 from __future__ import annotations
 
 import argparse
+import io
 import re
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .atomic import atomic_write
 from .checkpoints import CheckpointError, load_generator
 from .data import lab_to_rgb, rgb_to_lab
 
@@ -96,10 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         while name in used:  # two inputs with the same stem in different folders
             name += "_"
         used.add(name)
-        target = args.output / f"{name}.png"
-        tmp = target.with_name(target.name + ".tmp")
-        Image.fromarray((out * 255 + 0.5).astype(np.uint8)).save(tmp, format="PNG")
-        tmp.replace(target)
+        png = io.BytesIO()
+        Image.fromarray((out * 255 + 0.5).astype(np.uint8)).save(png, format="PNG")
+        atomic_write(args.output / f"{name}.png", png.getvalue())
         written += 1
     print(f"colorized {written} image(s) into {args.output}" + (f", skipped {skipped}" if skipped else ""))
     return 0 if written else 1

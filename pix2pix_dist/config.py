@@ -192,10 +192,9 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as JSON, atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
+        from .atomic import atomic_write
+
+        atomic_write(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -16,11 +16,11 @@ for tensorboard when it is constructed):
 
 from __future__ import annotations
 
+import io
 import json
 import netrc
 import os
 import secrets
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from pix2pix_dist.atomic import atomic_write
 from pix2pix_dist.config import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class RunTracker:
             run_id = id_path.read_text().strip()
         else:
             run_id = secrets.token_hex(4)  # wandb ids: lowercase letters and digits
-            _write_atomic(id_path, run_id + "\n")
+            atomic_write(id_path, run_id + "\n")
         kwargs: dict[str, Any] = dict(dir=str(self.run_dir), name=self.run_dir.name, id=run_id,
                                       resume="allow")
         check_tracker(self.kind)
@@ -126,10 +127,10 @@ class RunTracker:
                          padding=GRID_PADDING, pad_value=1.0)
         pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # HWC
         image = Image.fromarray(pixels)
-        _write_atomic(path, image)
-        latest_tmp = self.samples_dir / "latest.png.tmp"
-        shutil.copyfile(path, latest_tmp)
-        latest_tmp.replace(self.samples_dir / "latest.png")
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        atomic_write(path, png.getvalue())
+        atomic_write(self.samples_dir / "latest.png", png.getvalue())
 
         # Both trackers get the uint8 pixels of the PNG: wandb >= 0.30 casts float arrays to
         # uint8 without scaling (a [0, 1] float image comes out black).
@@ -198,16 +199,7 @@ def _truncate_stats(path: Path, resume_step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             pass  # a line torn by a crash mid-write
-    _write_atomic(path, "".join(kept))
-
-
-def _write_atomic(path: Path, content: str | Image.Image) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(content, Image.Image):
-        content.save(tmp, format="PNG")
-    else:
-        tmp.write_text(content)
-    tmp.replace(path)
+    atomic_write(path, "".join(kept))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .checkpoints import (CheckpointError, latest_loadable, list_checkpoints, load_checkpoint,
                           save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, help_text, parse_args
@@ -165,9 +166,7 @@ def _check_same_model(state: dict, cfg: Config, path: Path) -> None:
 
 def write_status(run_dir: Path, state: str, step: int) -> None:
     """`status.json`: whether the run finished or was stopped (and must be resumed)."""
-    tmp = run_dir / "status.json.tmp"
-    tmp.write_text(json.dumps({"state": state, "step": step}) + "\n")
-    tmp.replace(run_dir / "status.json")
+    atomic_write(run_dir / "status.json", json.dumps({"state": state, "step": step}) + "\n")
 
 
 def train(cfg: Config) -> TrainResult:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from .files import atomic_write
+from ..atomic import atomic_write
 
 DALI_TARGET_IMG_S = 20_000.0
 """The issue's target: DALI input pipeline on one H100 with 640x480 COCO-like JPEG shards."""

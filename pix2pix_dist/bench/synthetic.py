@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BenchError
-from .files import atomic_write
+from ..atomic import atomic_write
 
 SYNTH_SIZE = (640, 480)  # COCO's most common size
 SYNTH_QUALITY = 90

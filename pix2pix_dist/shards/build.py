@@ -35,7 +35,8 @@ from .options import ShardLimit, ShardOptions, parse_max_bytes, parse_shard_size
 from .pool import Executor, Result, Task
 from .progress import Progress
 from .sources import Source, assign_keys, open_source
-from .writer import TarShard, atomic_write, file_sha256, sample_nbytes
+from ..atomic import atomic_write
+from .writer import TarShard, file_sha256, sample_nbytes
 
 FORMAT = "pix2pix_dist-shards/1"
 MANIFEST = "manifest.json"

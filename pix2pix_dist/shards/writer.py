@@ -13,40 +13,12 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from ..atomic import fsync_dir
 from .index import component, render_index
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # GNU tar and Python's tarfile pad archives to 10 KiB records
 FIXED_MTIME = 0
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename durable (the directory entry itself must reach the disk)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via `<name>.tmp` + fsync + rename: readers see the old file or the new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # includes Ctrl-C: leave no half-written .tmp behind
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def _header(name: str, size: int) -> bytes:
