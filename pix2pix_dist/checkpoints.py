@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from .atomic import fsync_dir
+from .atomic import atomic_write, fsync_dir
 from .models import UNetGenerator
 
 PREFIX = "step-"
@@ -129,9 +129,7 @@ def latest_loadable(run_dir: Path) -> Path | None:
 def export_generator(generator: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     """Generator weights and buffers as safetensors, with its constructor arguments as metadata."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"pix2pix_dist.generator": json.dumps(meta)})
-    os.replace(tmp, path)
+    atomic_write(path, save(tensors, metadata={"pix2pix_dist.generator": json.dumps(meta)}))
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> UNetGenerator:

@@ -24,13 +24,17 @@ def sample_shards(tmp_path_factory) -> Path:
     return out
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without wandb/accelerate settings: runs behave as on a fresh machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
+    return env
+
+
 def run_python(args: list[str], *, cwd: Path = REPO, timeout: float = 600,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python <args>` like a user would, without credentials or a terminal."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
-    full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=clean_env(**(env or {})), capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 

@@ -515,6 +515,19 @@ def many_pngs(tmp_path_factory) -> Path:
     return src
 
 
+def assert_rerun_resumes(out: Path, args: list[str], reference: ShardOptions) -> None:
+    """After an interruption: no manifest, no .tmp, some complete shards; rerunning the command
+    keeps those shards untouched and ends byte-identical to an uninterrupted build."""
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
+    kept = {p.name: p.stat().st_ino for p in out.glob("*.tar")}
+    assert kept
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert all((out / n).stat().st_ino == ino for n, ino in kept.items())
+    build_shards(reference)
+    assert shard_files(out) == shard_files(reference.output)
+
+
 def test_ctrl_c_on_cli_is_one_line_and_resumable(many_pngs, tmp_path):
     src = many_pngs
     out = tmp_path / "out"
@@ -530,15 +543,7 @@ def test_ctrl_c_on_cli_is_one_line_and_resumable(many_pngs, tmp_path):
         pytest.skip("the run finished before it could be interrupted")
     assert proc.returncode == 130 and err.strip().splitlines() == [
         "interrupted: complete shards are kept; run the same command again to resume"]
-    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
-    kept = {p.name: p.stat().st_ino for p in out.glob("*.tar")}
-    assert kept
-    r = run_cli(*args)
-    assert r.returncode == 0, r.stderr
-    assert all((out / n).stat().st_ino == ino for n, ino in kept.items())
-    ref = tmp_path / "ref"
-    build_shards(opts(src, ref, shard_size=2, workers=2))
-    assert shard_files(out) == shard_files(ref)
+    assert_rerun_resumes(out, args, reference=opts(src, tmp_path / "ref", shard_size=2, workers=2))
 
 
 def test_killed_worker_is_one_line_error_and_resumable(many_pngs, tmp_path):
@@ -571,15 +576,8 @@ def test_killed_worker_is_one_line_error_and_resumable(many_pngs, tmp_path):
     assert lines[0].startswith("error: a worker process died (out of memory?) while processing ")
     assert lines[0].endswith("; complete shards are kept, run the same command again to resume")
     assert str(many_pngs) in lines[0]
-    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
-    kept = {p.name: p.stat().st_ino for p in out.glob("*.tar")}
-    assert kept
-    r = run_cli(*args)
-    assert r.returncode == 0, r.stderr
-    assert all((out / n).stat().st_ino == ino for n, ino in kept.items())
-    ref = tmp_path / "ref"
-    build_shards(opts(many_pngs, ref, shard_size=2, workers=1, resize=150))
-    assert shard_files(out) == shard_files(ref)
+    assert_rerun_resumes(out, args, reference=opts(many_pngs, tmp_path / "ref", shard_size=2,
+                                                    workers=1, resize=150))
 
 
 def test_broken_pool_becomes_shard_error(tmp_path):

@@ -6,7 +6,6 @@ Every run is a subprocess started the way users start it (`python train.py ...` 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_python
+from conftest import REPO, clean_env, run_python
 from pix2pix_dist.checkpoints import list_checkpoints, load_generator
 from wandb_records import find_run_file, history_rows
 
@@ -108,9 +107,7 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(sample_shards, tm
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     interrupted = tmp_path / "interrupted"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.Popen([sys.executable, *args, f"run_dir={interrupted}"], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, *args, f"run_dir={interrupted}"], cwd=REPO, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -144,8 +141,7 @@ def _free_port() -> int:
 
 def test_two_gloo_processes_keep_identical_weights_on_disjoint_data(sample_shards, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")})
+    env = clean_env(PYTHONPATH=str(REPO / "tests"))
     proc = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
          "--main_process_port", str(_free_port()), "tests/ddp_worker.py", str(tmp_path), *TINY,
