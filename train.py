@@ -1,8 +1,10 @@
 """Entry point: `accelerate launch train.py [--preset NAME] [key=value ...]` (see --help)."""
 
+import contextlib
 import sys
 
 from pix2pix_dist.train_loop import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with contextlib.suppress(BrokenPipeError):  # `train.py --help | head`
+        sys.exit(main())

@@ -1,44 +1,81 @@
-"""Typed run configuration: dataclasses with a docstring per field, presets, CLI overrides.
+"""Typed run configuration: dataclasses with a docstring per field, presets, command line.
 
-A run is described by one `Config`. It is built from a preset, then overridden from the command
-line with dotted keys (`data.batch_size=32` or `--data.batch_size 32`), then validated: every
-problem is reported in one line naming the key. The resolved config is saved as `config.json`
-in the run folder and sent to the tracker, so a run can always be reproduced from its folder.
+A run is described by one `Config`, built in this order: defaults, a preset (`--preset NAME`),
+a JSON file (`--config FILE.json`, an object like a run's config.json), then command-line
+overrides (`data.global_batch=32` or `--data.global_batch 32`). The command line is derived from
+these dataclasses by pix2pix_dist/cli.py (tyro): choices are `Literal` types, `--help` lists
+every key with its default and docstring. Range checks live in `Config.validate`; every problem
+is one line naming the key. The resolved config is saved as `config.json` in the run folder.
+
+A preset is a *recipe* in global terms (images per optimizer step over all processes, run length
+in epochs); the per-process batch and the step count follow from the world size and the train
+split's size (recipe.py, docs/design.md "Recipes").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
+import math
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import tyro
+from tyro.constructors import PrimitiveConstructorSpec
+
+from .cli import CliError, expand_key_values, parse
 
 
 class ConfigError(ValueError):
     """A configuration problem, reported to the user as one line."""
 
 
+def _read_bool(args: list[str]) -> bool:
+    value = args[0].lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {args[0]!r}")
+
+
+# A boolean key takes a value (`train.compile=true`, any case, or 1/0, yes/no, on/off) like every
+# other key, instead of tyro's `--flag/--no-flag` pair: `key=value` is the spelling users know.
+BoolValue = Annotated[bool, PrimitiveConstructorSpec(
+    nargs=1, metavar="{true,false}", instance_from_str=_read_bool,
+    is_instance=lambda value: isinstance(value, bool),
+    str_from_instance=lambda value: ["true" if value else "false"]), tyro.conf.FlagConversionOff]
+
+
 @dataclass
 class DataConfig:
     shards: str = "shards/coco"
     """Folder written by `make shards` (holds manifest.json and {train,val}-NNNNNN.tar)."""
-    backend: str = "auto"
+    backend: Literal["auto", "dali", "torch"] = "auto"
     """Input pipeline: `dali` (GPU decode), `torch` (webdataset + DataLoader), or `auto`
     (DALI where it is installed, else torch with a one-line notice)."""
-    batch_size: int = 16
-    """Images per process per step (the global batch is this times the number of processes)."""
+    global_batch: int = 16
+    """Images per optimizer step over all processes (the recipe's batch). Each process takes
+    global_batch / processes, so the number of processes must divide it."""
+    batch_size: int = 0
+    """Per-process batch, to pin it instead of data.global_batch (which is then ignored: the
+    global batch becomes batch_size x processes). 0: derived from data.global_batch."""
     load_size: int = 286
-    """Training images are resized so that their shorter side is this (pix2pix: 286)."""
+    """Training images are resized to this (see data.resize) before the crop (pix2pix: 286)."""
     crop_size: int = 256
     """Square training crop (pix2pix: 256); must be divisible by 2**model.num_downs."""
-    random_resized_crop: bool = False
+    resize: Literal["shorter_side", "square"] = "shorter_side"
+    """Training geometry: `shorter_side` resizes the shorter side to `load_size` and crops
+    `crop_size` (pix2pix); `square` resizes the whole image to `load_size` x `load_size` (the
+    tutorial's squash) before the crop. Inference (colorize, evaluate) follows the same rule."""
+    random_resized_crop: BoolValue = False
     """Use a random-resized crop (scale `rrc_min_scale`..1) instead of resize + random crop."""
     rrc_min_scale: float = 0.35
     """Smallest area fraction kept by the random-resized crop."""
-    flip: bool = True
+    flip: BoolValue = True
     """Random horizontal flip for training batches (never for validation)."""
     shuffle_buffer: int = 2048
     """Samples held by the reader's shuffle buffer (shards are also shuffled at write time)."""
@@ -60,41 +97,50 @@ class ModelConfig:
     """Discriminator filters in the first layer (pix2pix: 64)."""
     d_layers: int = 3
     """Discriminator stride-2 layers: 3 gives the 70x70 PatchGAN."""
-    norm: str = "batch"
+    norm: Literal["batch", "instance", "syncbatch"] = "batch"
     """Normalisation: `batch`, `instance` or `syncbatch` (BatchNorm synchronised across processes)."""
-    dropout: bool = True
+    dropout: BoolValue = True
     """Dropout 0.5 in the three innermost 512-channel generator blocks (pix2pix's noise)."""
 
 
 @dataclass
 class OptimConfig:
-    gan_mode: str = "vanilla"
+    gan_mode: Literal["vanilla", "lsgan", "hinge"] = "vanilla"
     """GAN loss: `vanilla` (BCE with logits), `lsgan` or `hinge`."""
     lambda_l1: float = 100.0
     """Weight of the L1 loss on ab against the GAN loss."""
     lr: float = 2e-4
-    """Adam learning rate for both networks."""
+    """Adam learning rate for both networks at the global batch optim.reference_batch."""
+    reference_batch: int = 16
+    """The global batch optim.lr is meant for (a preset sets it to its own data.global_batch)."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """Learning rate at another global batch: `none` keeps optim.lr, `linear` multiplies it by
+    global batch / optim.reference_batch, `sqrt` by the square root of that ratio."""
     beta1: float = 0.5
     """Adam beta1 (pix2pix: 0.5)."""
     beta2: float = 0.999
     """Adam beta2."""
-    decay_steps: int = -1
-    """Final steps over which the learning rate decays linearly to zero; -1 means half the run."""
+    decay_fraction: float = 0.5
+    """Final share of the run's steps over which the learning rate decays linearly, reaching
+    exactly 0 at the last step (pix2pix: 0.5, its second half); 0 keeps it constant."""
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 50_000
-    """Optimizer steps in the whole run (the schedule and the stopping point)."""
-    mixed_precision: str = "bf16"
+    epochs: float = 100.0
+    """Run length in passes over the train split (the recipe): steps = epochs x steps per epoch,
+    where an epoch is train images // global batch steps."""
+    steps: int = 0
+    """Pin the run length in optimizer steps instead of train.epochs (0: derived from it)."""
+    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     """`bf16`, `fp16` or `no`. On a machine without a GPU it falls back to `no` with a notice."""
-    channels_last: bool = True
+    channels_last: BoolValue = True
     """Use channels_last memory format on CUDA (faster convolutions)."""
-    compile: bool = False
+    compile: BoolValue = False
     """Wrap both networks in torch.compile (slow first steps, faster afterwards)."""
     seed: int = 0
     """Seed for weights, augmentation and shuffling."""
-    deterministic: bool = False
+    deterministic: BoolValue = False
     """Deterministic algorithms, and data epochs that depend only on (seed, epoch), so a resumed
     run ends with the same weights as an uninterrupted one (slower; for debugging and tests)."""
     max_nonfinite: int = 50
@@ -103,7 +149,7 @@ class TrainConfig:
 
 @dataclass
 class LogConfig:
-    tracker: str = "wandb"
+    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"
     """`wandb` (offline automatically when no credentials are configured), `tensorboard` or `none`."""
     project: str = "pix2pix-dist"
     """Tracker project name."""
@@ -116,6 +162,20 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    norm_mode: Literal["batch", "eval"] = "eval"
+    """How inference (colorize, evaluate, sample grids) runs BatchNorm and dropout: `batch` uses
+    each batch's statistics with dropout on (pix2pix's test mode, right for batch-1 recipes whose
+    running statistics never matched what the network saw); `eval` uses running statistics without
+    dropout (the tutorial's model.eval())."""
+    every: int = 0
+    """Evaluate on a fixed subset of the val split every this many steps and log eval/* scalars
+    (0: never)."""
+    count: int = 64
+    """Validation images in that subset (at most the split's size)."""
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 1000
     """Save a full training-state checkpoint every this many steps (and at the end)."""
@@ -125,39 +185,67 @@ class CheckpointConfig:
     """`auto` (newest valid checkpoint in the run folder, if any), `never`, or a checkpoint path."""
 
 
+# Upper bounds on integer keys: a value beyond them is a typo or a unit mistake, not a setting
+# (e.g. data.prefetch=100000 would queue 100000 decoded batches in memory).
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "data.global_batch": (1, 1 << 20), "data.batch_size": (0, 1 << 16),
+    "data.load_size": (1, 8192), "data.crop_size": (1, 8192), "data.shuffle_buffer": (1, 1 << 20),
+    "data.num_threads": (1, 256), "data.prefetch": (1, 32),
+    "model.ngf": (1, 1024), "model.ndf": (1, 1024), "model.num_downs": (5, 12),
+    "model.d_layers": (1, 8), "optim.reference_batch": (1, 1 << 20),
+    "train.steps": (0, 1 << 40), "train.seed": (0, 2**31 - 1), "train.max_nonfinite": (1, 1 << 40),
+    "log.every": (1, 1 << 40), "log.sample_every": (1, 1 << 40), "log.sample_count": (1, 256),
+    "eval.every": (0, 1 << 40), "eval.count": (1, 1 << 20),
+    "ckpt.every": (1, 1 << 40), "ckpt.keep": (1, 1000),
+}
+# Float keys: (low, high, low is allowed). An lr of 1e30 or a loss weight of 1e9 only makes NaN.
+_FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
+    "data.rrc_min_scale": (0.0, 1.0, False), "data.hw_decoder_load": (0.0, 1.0, True),
+    "optim.lr": (0.0, 1.0, False), "optim.lambda_l1": (0.0, 1e4, True),
+    "optim.beta1": (0.0, 0.9999, True), "optim.beta2": (0.0, 0.9999999, True),
+    "optim.decay_fraction": (0.0, 1.0, True), "train.epochs": (0.0, 1e6, False),
+}
+
+
 @dataclass
 class Config:
     run_dir: str = "runs/pix2pix"
     """Run folder: config.json, stats.jsonl, samples/, checkpoints/, generator.safetensors."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Input pipeline."""
+    """Input pipeline and the recipe's batch."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Networks."""
     optim: OptimConfig = field(default_factory=OptimConfig)
-    """Losses and optimizers."""
+    """Losses, optimizers and the learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Loop."""
+    """Run length and the loop."""
     log: LogConfig = field(default_factory=LogConfig)
     """Tracking."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Inference mode and periodic evaluation."""
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints and resume."""
 
     def validate(self) -> "Config":
-        """Raise ConfigError naming the first invalid key; return self for chaining."""
-        _check_choice("data.backend", self.data.backend, ("auto", "dali", "torch"))
-        _check_choice("model.norm", self.model.norm, ("batch", "instance", "syncbatch"))
-        _check_choice("optim.gan_mode", self.optim.gan_mode, ("vanilla", "lsgan", "hinge"))
-        _check_choice("train.mixed_precision", self.train.mixed_precision, ("bf16", "fp16", "no"))
-        _check_choice("log.tracker", self.log.tracker, ("wandb", "tensorboard", "none"))
-        for key in ("data.batch_size", "data.load_size", "data.crop_size", "data.num_threads",
-                    "data.shuffle_buffer", "data.prefetch", "model.ngf", "model.ndf",
-                    "model.num_downs", "model.d_layers", "train.steps", "train.max_nonfinite",
-                    "log.every", "log.sample_every", "log.sample_count", "ckpt.every", "ckpt.keep"):
-            if get_key(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, got {get_key(self, key)}")
-        if self.model.num_downs < 5:
-            raise ConfigError(f"model.num_downs must be at least 5 (the U-Net has 5 fixed-width "
-                              f"outer levels), got {self.model.num_downs}")
+        """Raise ConfigError naming the first invalid key; return self for chaining.
+        (Choices are checked by the types when parsing; the world size and the split's size
+        are checked when the recipe is resolved, recipe.py.)"""
+        for key, (low, high) in _INT_RANGES.items():
+            value = get_key(self, key)
+            if not low <= value <= high:
+                raise ConfigError(f"{key}={value} is out of range: it must be in [{low}, {high}]")
+        for key, value in leaf_items(self):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key}={value} is not a finite number")
+        for key, (low, high, low_ok) in _FLOAT_RANGES.items():
+            value = get_key(self, key)
+            if not (low <= value if low_ok else low < value) or value > high:
+                raise ConfigError(f"{key}={value} is out of range: it must be in "
+                                  f"{'[' if low_ok else '('}{low:g}, {high:g}]")
+        for key in ("run_dir", "data.shards"):
+            if not get_key(self, key).strip():
+                raise ConfigError(f"{key} is empty; give a folder (an empty {key} would use the "
+                                  f"current folder)")
         step = 2 ** self.model.num_downs
         if self.data.crop_size % step:
             raise ConfigError(
@@ -166,26 +254,15 @@ class Config:
         if self.data.load_size < self.data.crop_size:
             raise ConfigError(f"data.load_size={self.data.load_size} must be at least "
                               f"data.crop_size={self.data.crop_size}")
-        if not 0.0 < self.data.rrc_min_scale <= 1.0:
-            raise ConfigError(f"data.rrc_min_scale must be in (0, 1], got {self.data.rrc_min_scale}")
-        if not 0.0 <= self.data.hw_decoder_load <= 1.0:
-            raise ConfigError(f"data.hw_decoder_load must be in [0, 1], got {self.data.hw_decoder_load}")
-        if self.optim.lr <= 0 or self.optim.lambda_l1 < 0:
-            raise ConfigError("optim.lr must be positive and optim.lambda_l1 non-negative")
-        if not (0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1):
-            raise ConfigError("optim.beta1 and optim.beta2 must be in [0, 1)")
-        if self.optim.decay_steps > self.train.steps:
-            raise ConfigError(f"optim.decay_steps={self.optim.decay_steps} exceeds "
-                              f"train.steps={self.train.steps}")
+        # PatchGAN: d_layers halvings, then two 4x4 stride-1 convolutions that each lose a pixel.
+        if self.data.crop_size < 3 * 2 ** self.model.d_layers:
+            raise ConfigError(f"model.d_layers={self.model.d_layers} is too deep for "
+                              f"data.crop_size={self.data.crop_size} (needs a crop of at least "
+                              f"{3 * 2 ** self.model.d_layers})")
         if self.ckpt.resume not in ("auto", "never") and not Path(self.ckpt.resume).exists():
             raise ConfigError(f"ckpt.resume={self.ckpt.resume!r}: no such checkpoint "
                               f"(use 'auto', 'never' or a path under <run_dir>/checkpoints)")
         return self
-
-    @property
-    def decay_steps(self) -> int:
-        """Steps of linear learning-rate decay at the end of the run."""
-        return self.train.steps // 2 if self.optim.decay_steps < 0 else self.optim.decay_steps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -197,45 +274,64 @@ class Config:
         atomic_write(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
-
-
-# Presets: named starting points. Each is a flat dict of dotted overrides on the defaults.
+# Presets: named recipes, each a flat dict of dotted keys over the defaults. Batches are global
+# (images per optimizer step, all processes) and run lengths in epochs, so a preset means the
+# same run on 1 GPU or 64; optim.reference_batch records the batch its optim.lr belongs to.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Isola et al. 2017: batch 1, 286 -> 256 random crop, flip; ~200 epochs of a small set.
+    # Source: M. Shariatnia, "Colorizing black & white images with U-Net and conditional GAN - A
+    # Tutorial" (Towards Data Science, 2020; github.com/moein-shariatnia/Deep-Learning): 10,000
+    # COCO images (8,000 train / 2,000 val), Resize((256, 256), BICUBIC) with no crop, random
+    # horizontal flip, batch 16, unet_256 + 70x70 PatchGAN with BatchNorm, vanilla GAN loss +
+    # 100 x L1, Adam 2e-4 (0.5, 0.999) for both nets, constant lr (no scheduler), 100 epochs,
+    # model.eval() for its visualisations. Our deliberate deviation: bf16 autocast on GPUs (the
+    # tutorial trains in fp32; train.mixed_precision=no restores that).
+    "tutorial": {
+        "data.shards": "shards/coco", "data.global_batch": 16, "data.resize": "square",
+        "data.load_size": 256, "data.crop_size": 256, "data.flip": True,
+        "optim.lr": 2e-4, "optim.reference_batch": 16, "optim.beta1": 0.5, "optim.beta2": 0.999,
+        "optim.decay_fraction": 0.0, "train.epochs": 100.0, "eval.norm_mode": "eval",
+        "run_dir": "runs/tutorial",
+    },
+    # Source: Isola et al., "Image-to-Image Translation with Conditional Adversarial Networks"
+    # (CVPR 2017) and its reference code (junyanz/pytorch-CycleGAN-and-pix2pix, options/
+    # base_options.py and train_options.py): resize to 286 + random crop 256, flip, batch 1,
+    # Adam 2e-4 (0.5, 0.999), lambda_L1 100, n_epochs 100 at constant lr + n_epochs_decay 100
+    # decaying linearly (ours reaches exactly 0 at the last step; the reference stops at 1/101),
+    # fp32, and test-time BatchNorm on batch statistics with dropout (no --eval).
     "paper": {
-        "data.batch_size": 1, "data.load_size": 286, "data.crop_size": 256,
-        "train.steps": 400_000, "train.mixed_precision": "no", "log.every": 200,
+        "data.global_batch": 1, "data.resize": "shorter_side", "data.load_size": 286,
+        "data.crop_size": 256, "data.flip": True, "optim.lr": 2e-4, "optim.reference_batch": 1,
+        "optim.lambda_l1": 100.0, "optim.decay_fraction": 0.5, "train.epochs": 200.0,
+        "train.mixed_precision": "no", "eval.norm_mode": "batch", "log.every": 200,
         "log.sample_every": 5000, "ckpt.every": 10_000, "run_dir": "runs/paper",
     },
-    # The well-known COCO colorization tutorial: 10k COCO images (8k train), 256x256 resize,
-    # flip, batch 16, 100 epochs = 50k steps.
-    "tutorial": {
-        "data.shards": "shards/coco", "data.batch_size": 16, "data.load_size": 256,
-        "data.crop_size": 256, "train.steps": 50_000, "run_dir": "runs/tutorial",
-    },
-    # Throughput-oriented COCO training on many GPUs (per-process batch; scale lr yourself).
+    # Ours (no external source): a throughput recipe for full COCO train2017 (`make shards
+    # SOURCE=.../train2017.zip RESIZE=286`): global batch 512 (64 per GPU on 8 GPUs), compiled,
+    # pix2pix's geometry and schedule, the tutorial's lr kept unscaled as large-batch GANs usually
+    # are. Untuned: a starting point for throughput work, not a quality claim.
     "coco": {
-        "data.shards": "shards/coco", "data.batch_size": 64, "train.steps": 100_000,
-        "train.compile": True, "log.every": 100, "log.sample_every": 2000,
-        "ckpt.every": 5000, "run_dir": "runs/coco",
+        "data.shards": "shards/train2017", "data.global_batch": 512, "optim.lr": 2e-4,
+        "optim.reference_batch": 512, "train.epochs": 100.0, "train.compile": True,
+        "log.every": 100, "log.sample_every": 2000, "ckpt.every": 5000, "run_dir": "runs/coco",
     },
-    # `make train` on a machine without a GPU: unet_128 on the bundled sample shards, < 5 minutes.
+    # Ours: what `make train` runs without a GPU: unet_128 on the bundled sample shards (9 train
+    # photos: 2 steps of 4 per epoch), 400 steps, about 1.5 minutes on 2 cores.
     "cpu-demo": {
-        "data.shards": "shards/sample", "data.batch_size": 4, "data.load_size": 143,
+        "data.shards": "shards/sample", "data.global_batch": 4, "data.load_size": 143,
         "data.crop_size": 128, "data.num_threads": 2, "data.shuffle_buffer": 64,
-        "model.num_downs": 7, "model.ngf": 32, "model.ndf": 32, "train.steps": 400,
-        "train.mixed_precision": "no", "log.every": 20, "log.sample_every": 100,
-        "log.sample_count": 4, "ckpt.every": 100, "ckpt.keep": 2, "run_dir": "runs/demo",
+        "model.num_downs": 7, "model.ngf": 32, "model.ndf": 32, "optim.reference_batch": 4,
+        "train.epochs": 200.0, "train.mixed_precision": "no", "log.every": 20,
+        "log.sample_every": 100, "log.sample_count": 4, "eval.every": 200, "eval.count": 8,
+        "ckpt.every": 100, "ckpt.keep": 2, "run_dir": "runs/demo",
     },
-    # `make train` on GPUs: full unet_256 on the sample shards, every GPU, a few minutes.
-    # Batch 1 per GPU (the paper's batch) so that up to 9 GPUs share the 9 training photos.
+    # Ours: what `make train` runs on GPUs: full unet_256 on the sample shards, on every GPU. No
+    # global batch divides every count from 1 to 9 GPUs, so this demo pins the per-process batch
+    # (1, the paper's; global = number of GPUs, at most the 9 training photos) and the steps.
     "gpu-demo": {
         "data.shards": "shards/sample", "data.batch_size": 1, "data.shuffle_buffer": 64,
-        "train.steps": 1000, "log.every": 20, "log.sample_every": 200, "log.sample_count": 4,
-        "ckpt.every": 250, "ckpt.keep": 2, "run_dir": "runs/demo",
+        "optim.reference_batch": 1, "train.steps": 1000, "log.every": 20,
+        "log.sample_every": 200, "log.sample_count": 4, "eval.norm_mode": "batch",
+        "eval.every": 500, "eval.count": 8, "ckpt.every": 250, "ckpt.keep": 2, "run_dir": "runs/demo",
     },
 }
 
@@ -247,125 +343,53 @@ def get_key(cfg: Config, key: str) -> Any:
     return obj
 
 
-def set_key(cfg: Config, key: str, raw: Any) -> None:
-    """Set a dotted key, converting a string to the field's declared type."""
+def leaf_items(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every leaf field of a config dataclass."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaf_items(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set a dotted key from a typed value (a preset or a JSON file): checked, not converted."""
     *parents, name = key.split(".")
     obj: Any = cfg
     for part in parents:
-        if not dataclasses.is_dataclass(obj) or part not in _field_types(obj):
-            raise ConfigError(f"unknown config key {key!r} (see --help for the list)")
-        obj = getattr(obj, part)
-    types_ = _field_types(obj) if dataclasses.is_dataclass(obj) else {}
-    if name not in types_ or dataclasses.is_dataclass(getattr(obj, name)):
+        obj = getattr(obj, part, None)
+        if not dataclasses.is_dataclass(obj):
+            break
+    hints = typing.get_type_hints(type(obj)) if dataclasses.is_dataclass(obj) else {}
+    if name not in hints or dataclasses.is_dataclass(getattr(obj, name)):
         raise ConfigError(f"unknown config key {key!r} (see --help for the list)")
-    setattr(obj, name, _convert(key, raw, types_[name]))
-
-
-def _field_types(obj: Any) -> dict[str, Any]:
-    return typing.get_type_hints(type(obj))
-
-
-def _convert(key: str, raw: Any, typ: Any) -> Any:
-    if not isinstance(raw, str):  # from a JSON config file or a preset: check, don't coerce
-        ok = (isinstance(raw, bool) if typ is bool else
-              isinstance(raw, int) and not isinstance(raw, bool) if typ is int else
-              isinstance(raw, (int, float)) and not isinstance(raw, bool) if typ is float else
-              False)
-        if not ok:
-            raise ConfigError(f"{key}: expected {typ.__name__}, got {raw!r}")
-        return float(raw) if typ is float else raw
-    try:
-        if typ is bool:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if typ is int:
-            return int(raw.replace("_", ""))
-        if typ is float:
-            return float(raw)
-        if typ is str or isinstance(typ, types.UnionType):
-            return raw
-    except ValueError:
-        raise ConfigError(f"{key}: cannot read {raw!r} as {typ.__name__}") from None
-    return raw
-
-
-def iter_fields(cfg: Any = None, prefix: str = "") -> typing.Iterator[tuple[str, Any, str]]:
-    """Yield (dotted key, default value, docstring) for every leaf field, for --help."""
-    import ast
-    import inspect
-
-    cfg = Config() if cfg is None else cfg
-    docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(type(cfg)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from iter_fields(value, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", value, docs.get(f.name, "")
-
-
-HELP_HEADER = """\
-usage: accelerate launch train.py [--preset NAME] [--config FILE.json] [KEY=VALUE | --KEY VALUE ...]
-
-Train pix2pix colorization. Settings are applied in order: defaults, preset, config file,
-then overrides. Presets: {presets}.
-Short forms: --resume (ckpt.resume), --shards (data.shards), --steps (train.steps).
-
-Keys:
-"""
-
-
-def help_text() -> str:
-    lines = [HELP_HEADER.format(presets=", ".join(PRESETS))]
-    for key, default, doc in iter_fields():
-        lines.append(f"  {key} = {default!r}\n      {doc}")
-    return "\n".join(lines)
-
-
-# Short forms users reach for first.
-ALIASES = {"resume": "ckpt.resume", "shards": "data.shards", "steps": "train.steps"}
-
-
-def parse_args(argv: list[str]) -> Config:
-    """Build a validated Config from command-line arguments (see `help_text`)."""
-    preset: str | None = None
-    config_file: str | None = None
-    overrides: list[tuple[str, str]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--"):
-            arg = arg[2:]
-            if "=" not in arg:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"--{arg} needs a value")
-                arg = f"{arg}={argv[i + 1]}"
-                i += 1
-        if "=" not in arg:
-            raise ConfigError(f"cannot read argument {argv[i]!r}: use KEY=VALUE or --KEY VALUE")
-        key, value = arg.split("=", 1)
-        key = ALIASES.get(key, key.replace("-", "_"))
-        if key == "preset":
-            preset = value
-        elif key == "config":
-            config_file = value
-        else:
-            overrides.append((key, value))
-        i += 1
-    return build_config(preset, config_file, overrides)
+    typ = hints[name]
+    if typing.get_origin(typ) is Literal:
+        ok = value in typing.get_args(typ)
+        expected = " or ".join(repr(choice) for choice in typing.get_args(typ))
+    else:
+        ok = (isinstance(value, bool) if typ is bool else
+              isinstance(value, int) and not isinstance(value, bool) if typ is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if typ is float else
+              isinstance(value, str))
+        expected = typ.__name__
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    setattr(obj, name, float(value) if typ is float else value)
 
 
 def build_config(preset: str | None = None, config_file: str | None = None,
                  overrides: typing.Iterable[tuple[str, Any]] = ()) -> Config:
-    """Defaults, then a preset, then a JSON config file, then dotted overrides; validated."""
+    """Defaults, then a preset, then a JSON config file, then typed dotted overrides; validated.
+    (The command line goes through `parse_command`, which starts from the same first steps.)"""
+    cfg = _base_config(preset, config_file)
+    for key, value in overrides:
+        set_key(cfg, key, value)
+    return cfg.validate()
+
+
+def _base_config(preset: str | None, config_file: str | None) -> Config:
     cfg = Config()
     if preset is not None:
         if preset not in PRESETS:
@@ -375,20 +399,84 @@ def build_config(preset: str | None = None, config_file: str | None = None,
     if config_file is not None:
         try:
             data = json.loads(Path(config_file).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {config_file} must hold a JSON object like config.json")
         for key, value in _flatten(data):
             set_key(cfg, key, value)
-    for key, value in overrides:
-        set_key(cfg, key, value)
-    return cfg.validate()
+    return cfg
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in data.items():
         if isinstance(value, dict):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+@dataclass
+class TrainCommand(Config):
+    """The command line of train.py: every Config key, plus what picks the starting values."""
+
+    preset: Literal[tuple(PRESETS)] | None = None  # type: ignore[valid-type]
+    """Named recipe applied over the defaults (see the README's preset table)."""
+    config: str | None = None
+    """JSON file holding an object like a run's config.json, applied after the preset."""
+    dry_run: bool = False
+    """Print the resolved recipe for this world size (WORLD_SIZE, else 1) and exit, counting the
+    train split but building nothing."""
+
+    def run_config(self) -> Config:
+        return Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Config)})
+
+
+# tyro keeps the description's paragraphs (blank-line separated) and joins their lines.
+DESCRIPTION = "\n\n".join([
+    "Train pix2pix colorization: accelerate launch train.py [--preset NAME] "
+    "[--config FILE.json] [key=value | --key value ...]",
+    "Settings apply in order: defaults, preset, config file, then overrides.",
+    "A recipe is global: data.global_batch images per optimizer step over all processes, "
+    "train.epochs passes over the train split. The per-process batch and the step count follow "
+    "from the number of processes (pin them with data.batch_size and train.steps).",
+    "Short forms: --resume (ckpt.resume), --shards (data.shards), --steps (train.steps).",
+])
+
+# Short forms users reach for first.
+ALIASES = {"resume": "ckpt.resume", "shards": "data.shards", "steps": "train.steps"}
+
+
+def parse_command(argv: list[str]) -> tuple[Config, bool]:
+    """(validated Config, dry_run) from train.py's arguments; `--help` prints and exits 0."""
+    # The preset and the file must be known before parsing: they supply the defaults that the
+    # other arguments override (and that --help shows).
+    expanded = expand_key_values(argv, ALIASES)
+    preset, config_file = _option(expanded, "preset"), _option(expanded, "config")
+    base = _base_config(preset, config_file)
+    default = TrainCommand(**{f.name: getattr(base, f.name) for f in dataclasses.fields(Config)},
+                           preset=preset, config=config_file)
+    try:
+        command = parse(TrainCommand, argv, prog="train.py", description=DESCRIPTION,
+                        default=default, aliases=ALIASES)
+    except CliError as exc:
+        raise ConfigError(str(exc)) from None
+    return command.run_config().validate(), command.dry_run
+
+
+def parse_args(argv: list[str]) -> Config:
+    """The validated Config of train.py's arguments (without --dry-run)."""
+    return parse_command(argv)[0]
+
+
+def _option(expanded: list[str], name: str) -> str | None:
+    """The value of `--name VALUE` / `--name=VALUE` in expanded arguments (the last one wins)."""
+    value = None
+    for i, arg in enumerate(expanded):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}":
+            if i + 1 >= len(expanded):
+                raise ConfigError(f"--{name} needs a value")
+            value = expanded[i + 1]
+    return value

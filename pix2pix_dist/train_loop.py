@@ -27,10 +27,11 @@ from torch import nn
 from .atomic import atomic_write
 from .checkpoints import (CheckpointError, latest_loadable, list_checkpoints, load_checkpoint,
                           save_checkpoint, set_rng_state)
-from .config import Config, ConfigError, help_text, parse_args
+from .config import Config, ConfigError, parse_command
 from .data import DataError, build_loader, lab_to_rgb
 from .data.shards_index import find_shards
 from .gan_step import GanStep, build_networks
+from .recipe import Recipe, resolve_recipe
 from .tracking import RunTracker, check_tracker, tracker_for
 
 
@@ -94,12 +95,10 @@ def generator_meta(cfg: Config) -> dict:
             "norm": m.norm, "dropout": m.dropout}
 
 
-def lr_factor(step: int, cfg: Config) -> float:
-    """pix2pix schedule in steps: constant, then linear decay to zero over `decay_steps`."""
-    decay = cfg.decay_steps
-    if decay <= 0:
-        return 1.0
-    return min(1.0, max(0.0, (cfg.train.steps - step) / decay))
+def recipe_for(cfg: Config, world_size: int) -> Recipe:
+    """The recipe on `world_size` processes; counts the train split from the shards' manifest
+    (or index files) without reading an image."""
+    return resolve_recipe(cfg, world_size, find_shards(cfg.data.shards, "train").total)
 
 
 def batch_stream(loader, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -154,6 +153,18 @@ def choose_checkpoint(cfg: Config, run_dir: Path, rank: int) -> Path | None:
     return Path(chosen[0]) if chosen[0] else None
 
 
+def _check_same_global_batch(state: dict, recipe: Recipe, path: Path) -> None:
+    """Resuming on another number of processes keeps the schedule only with the same global
+    batch (data.global_batch splits itself; a pinned data.batch_size does not)."""
+    saved = state.get("global_batch")
+    if saved is not None and saved != recipe.global_batch:
+        raise CheckpointError(
+            f"{path} was trained with a global batch of {saved}, this run's is "
+            f"{recipe.global_batch} ({recipe.batch_per_process}/process x {recipe.world_size}); "
+            f"resuming would change the recipe. Set data.global_batch={saved} without "
+            f"data.batch_size, or use a new run_dir")
+
+
 def _check_same_model(state: dict, cfg: Config, path: Path) -> None:
     saved = state.get("model", {})
     changed = {k: (v, getattr(cfg.model, k)) for k, v in saved.items()
@@ -177,6 +188,7 @@ def train(cfg: Config) -> TrainResult:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     say = accelerator.print
+    recipe = recipe_for(cfg, world)
 
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -187,7 +199,7 @@ def train(cfg: Config) -> TrainResult:
     set_seed(cfg.train.seed)  # identical initial weights on every rank
 
     # --- data -----------------------------------------------------------------------------
-    loader = build_loader(cfg.data, "train", rank=rank, world_size=world, device=device,
+    loader = build_loader(dataclasses.replace(cfg.data, batch_size=recipe.batch_per_process), "train", rank=rank, world_size=world, device=device,
                           seed=cfg.train.seed, exact_epochs=cfg.train.deterministic)
     sample_L, sample_ab = fixed_sample_batch(cfg, device) if main_process else (None, None)
 
@@ -201,6 +213,7 @@ def train(cfg: Config) -> TrainResult:
         # Every rank loads the file rank 0 chose, so DDP replicas stay identical.
         state, rng = load_checkpoint(resumed_from, rank)
         _check_same_model(state, cfg, resumed_from)
+        _check_same_global_batch(state, recipe, resumed_from)
         G_raw.load_state_dict(state["G"])
         D_raw.load_state_dict(state["D"])
         nets.opt_G.load_state_dict(state["opt_G"])
@@ -215,17 +228,18 @@ def train(cfg: Config) -> TrainResult:
     else:
         set_seed(cfg.train.seed, device_specific=True)  # different dropout noise per rank
 
-    if start_step >= cfg.train.steps:
-        say(f"already trained {start_step} of {cfg.train.steps} steps in {run_dir}; nothing to "
-            f"do (raise train.steps to go on)")
+    if start_step >= recipe.steps:
+        say(f"already trained {start_step} of {recipe.steps} steps in {run_dir}; nothing to "
+            f"do (raise train.epochs or train.steps to go on)")
         return TrainResult(start_step, False, nonfinite, run_dir, G_raw, D_raw)
     if main_process:
         cfg.save(run_dir / "config.json")
     tracker = RunTracker(accelerator, cfg, run_dir, resume_step=start_step)
     if resumed_from is not None:
         say(f"resumed from {resumed_from} at step {start_step}")
-    say(f"training on {world} process(es), {device.type}, batch {cfg.data.batch_size}/process, "
-        f"{len(loader)} batches/epoch, input backend {loader.backend}, run folder {run_dir}")
+    say(f"training on {world} process(es), {device.type}, input backend {loader.backend}, "
+        f"run folder {run_dir}")
+    say(recipe.describe())
 
     def save(step: int) -> Path:
         state = {
@@ -233,6 +247,7 @@ def train(cfg: Config) -> TrainResult:
             "opt_G": nets.opt_G.state_dict(), "opt_D": nets.opt_D.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
             "step": step, "nonfinite": nonfinite, "model": dataclasses.asdict(cfg.model),
+            "global_batch": recipe.global_batch,
         }
         return save_checkpoint(run_dir, step, state, G_raw, generator_meta(cfg), rank=rank,
                                barrier=accelerator.wait_for_everyone, keep=cfg.ckpt.keep)
@@ -250,13 +265,12 @@ def train(cfg: Config) -> TrainResult:
     # --- the loop ---------------------------------------------------------------------------
     data = batch_stream(loader, start_step)
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    images_per_step = cfg.data.batch_size * world
-    progress = _progress_bar(main_process, start_step, cfg.train.steps)
+    progress = _progress_bar(main_process, start_step, recipe.steps)
     tick_start, data_wait, tick_steps = time.perf_counter(), 0.0, 0
     step, stopped = start_step, False
     with StopFlag() as stop:
-        while step < cfg.train.steps:
-            lr = cfg.optim.lr * lr_factor(step, cfg)
+        while step < recipe.steps:
+            lr = recipe.lr * recipe.lr_factor(step)
             for opt in (nets.opt_G, nets.opt_D):
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -283,27 +297,27 @@ def train(cfg: Config) -> TrainResult:
 
             if progress is not None:
                 progress.update(1)
-            if step % cfg.log.every == 0 or step == cfg.train.steps or result.stop:
+            if step % cfg.log.every == 0 or step == recipe.steps or result.stop:
                 elapsed = time.perf_counter() - tick_start
                 scalars = _mean_losses(accelerator, sums)
                 scalars.update({
                     "lr": lr, "epoch": step / len(loader), "nonfinite_steps": nonfinite,
                     "data/skipped_samples": loader.skipped,
-                    "perf/images_per_s": tick_steps * images_per_step / elapsed,
+                    "perf/images_per_s": tick_steps * recipe.global_batch / elapsed,
                     "perf/data_wait_frac": data_wait / elapsed,
                 })
                 if device.type == "cuda":
                     scalars["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 tracker.log_scalars(step, scalars)
-                _show(progress, say, step, cfg.train.steps, scalars)
+                _show(progress, say, step, recipe.steps, scalars)
                 sums.clear()
                 tick_start, data_wait, tick_steps = time.perf_counter(), 0.0, 0
-            if step % cfg.log.sample_every == 0 or step == cfg.train.steps:
+            if step % cfg.log.sample_every == 0 or step == recipe.steps:
                 log_samples(step)
             if result.stop:
                 stopped = True
                 break
-            if step % cfg.ckpt.every == 0 and step < cfg.train.steps:
+            if step % cfg.ckpt.every == 0 and step < recipe.steps:
                 save(step)
 
         path = save(step)
@@ -356,11 +370,13 @@ def _show(progress, say, step: int, total: int, scalars: dict[str, float]) -> No
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text())
-        return 0
     try:
-        cfg = parse_args(argv)
+        cfg, dry_run = parse_command(argv)
+        if dry_run:  # no Accelerator: the launcher's WORLD_SIZE is the world size
+            recipe = recipe_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            if os.environ.get("RANK", "0") == "0":
+                print(f"{recipe.describe()}\ndry run: nothing was built or trained")
+            return 0
         train(cfg)
     except (ConfigError, DataError, CheckpointError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -74,7 +74,12 @@ def build_pipeline(shards: ShardSet, cfg: DataConfig, *, train: bool, rank: int,
             crop = dict()
         else:
             images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
-            images = fn.resize(images, resize_shorter=cfg.load_size if train else size, antialias=True)
+            side = cfg.load_size if train else size
+            if cfg.resize == "square":  # the tutorial's squash: whole image, bicubic
+                images = fn.resize(images, size=[side, side], interp_type=types.INTERP_CUBIC,
+                                   antialias=True)
+            else:
+                images = fn.resize(images, resize_shorter=side, antialias=True)
             crop = dict(crop=(size, size))
             if train:
                 crop.update(crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),

@@ -39,7 +39,12 @@ from .shards_index import ShardSet
 
 @dataclass(frozen=True)
 class Augment:
-    """pix2pix augmentation for one sample, on CPU or CUDA uint8 (3,H,W) tensors."""
+    """pix2pix augmentation for one sample, on CPU or CUDA uint8 (3,H,W) tensors.
+
+    Geometry (`resize`, the same in dali_pipeline.py): `shorter_side` resizes the shorter side
+    (bilinear) to load_size for training, to crop_size for validation, then crops a square;
+    `square` squashes the whole image to load_size x load_size (validation: crop_size x
+    crop_size) with bicubic interpolation, as the tutorial's Resize((256, 256), BICUBIC)."""
 
     crop_size: int
     load_size: int
@@ -47,22 +52,32 @@ class Augment:
     flip: bool
     random_resized_crop: bool
     rrc_min_scale: float
+    resize: str = "shorter_side"
 
     def __call__(self, img: torch.Tensor, rng: random.Random) -> torch.Tensor:
         size = self.crop_size
-        if not self.train:  # resize shorter side to S, centre crop
+        if not self.train:  # the whole image (square) or its centre, at S x S
+            if self.resize == "square":
+                return self._squash(img, size).contiguous()
             return TF.center_crop(TF.resize(img, [size], antialias=True), [size, size])
         if self.random_resized_crop:
             top, left, h, w = self._rrc_window(img.shape[-2], img.shape[-1], rng)
             img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
         else:
-            img = TF.resize(img, [self.load_size], antialias=True)
+            if self.resize == "square":
+                img = self._squash(img, self.load_size)
+            else:
+                img = TF.resize(img, [self.load_size], antialias=True)
             top = rng.randint(0, img.shape[-2] - size)
             left = rng.randint(0, img.shape[-1] - size)
             img = TF.crop(img, top, left, size, size)
         if self.flip and rng.random() < 0.5:
             img = TF.horizontal_flip(img)
         return img.contiguous()
+
+    @staticmethod
+    def _squash(img: torch.Tensor, side: int) -> torch.Tensor:
+        return TF.resize(img, [side, side], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
 
     def _rrc_window(self, height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
         # torchvision's RandomResizedCrop.get_params with our generator (and DALI's defaults).
@@ -197,7 +212,7 @@ class TorchBatches:
         self.device, self.seed = device, seed
         self.start, self.stop = rank_range(shards.total, world_size, rank)
         self.augment = Augment(cfg.crop_size, cfg.load_size, train, cfg.flip,
-                               cfg.random_resized_crop, cfg.rrc_min_scale)
+                               cfg.random_resized_crop, cfg.rrc_min_scale, cfg.resize)
         self.gpu_decode = device.type == "cuda"
         self.skipped = 0
 
