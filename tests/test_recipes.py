@@ -127,9 +127,10 @@ def _stripes(height: int, width: int) -> torch.Tensor:
     return img
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 @pytest.mark.parametrize("train", [False, True])
-def test_square_resize_squashes_the_whole_image_on_both_backends(tmp_path, backend, train):
+def test_square_resize_squashes_the_whole_image_on_both_backends(tmp_path, backend, train, device):
     buf = io.BytesIO()
     Image.fromarray(_stripes(48, 144).permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=98)
     jpg = buf.getvalue()
@@ -141,8 +142,9 @@ def test_square_resize_squashes_the_whole_image_on_both_backends(tmp_path, backe
     cfg = parse_args([f"data.shards={tmp_path}", f"data.backend={backend}", "data.batch_size=4",
                       "data.resize=square", "data.load_size=32", "data.crop_size=32",
                       "model.num_downs=5", "data.flip=false", "data.num_threads=1"]).data
-    L, ab = next(iter(build_loader(cfg, "train", rank=0, world_size=1, device=torch.device("cpu"),
+    L, ab = next(iter(build_loader(cfg, "train", rank=0, world_size=1, device=torch.device(device),
                                    seed=0, train=train)))
+    L, ab = L.cpu(), ab.cpu()  # on CUDA: GPU decode and resize, compared with the CPU reference
     decoded = decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8))
     squash = TF.resize(decoded, [32, 32], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     centre = TF.center_crop(TF.resize(decoded, [32], antialias=True), [32, 32])  # shorter_side

@@ -167,9 +167,9 @@ def test_two_gloo_processes_keep_identical_weights_on_disjoint_data(sample_shard
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(sample_shards, tmp_path):
-    proc = run_python(["train.py", *TINY, f"data.shards={sample_shards}",
-                       f"run_dir={tmp_path / 'run'}", "train.steps=50", "optim.lr=1e38",
-                       "train.max_nonfinite=3", "log.tracker=none"])
+    proc = run_python(["tests/nan_worker.py", *TINY, f"data.shards={sample_shards}",
+                       f"run_dir={tmp_path / 'run'}", "train.steps=50",
+                       "train.max_nonfinite=3", "log.tracker=none"], env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 3 steps had non-finite losses")
     assert "Traceback" not in proc.stderr
