@@ -242,10 +242,10 @@ class Config:
             if not (low <= value if low_ok else low < value) or value > high:
                 raise ConfigError(f"{key}={value} is out of range: it must be in "
                                   f"{'[' if low_ok else '('}{low:g}, {high:g}]")
-        for key in ("run_dir", "data.shards"):
+        # An empty path is the current folder to pathlib: never what the user meant.
+        for key in ("run_dir", "data.shards", "ckpt.resume", "log.project"):
             if not get_key(self, key).strip():
-                raise ConfigError(f"{key} is empty; give a folder (an empty {key} would use the "
-                                  f"current folder)")
+                raise ConfigError(f"{key} is empty; give a value (see --help)")
         step = 2 ** self.model.num_downs
         if self.data.crop_size % step:
             raise ConfigError(

@@ -74,6 +74,7 @@ def test_order_is_defaults_preset_file_then_overrides(tmp_path):
     (["data.num_threads=100000"], "data.num_threads=100000 is out of range"),
     (["run_dir="], "run_dir is empty"),
     (["data.shards= "], "data.shards is empty"),
+    (["ckpt.resume="], "ckpt.resume is empty"),
     (["eval.every=-1"], "eval.every=-1 is out of range"),
     (["eval.count=0"], "eval.count=0 is out of range"),
     (["model.d_layers=5", "data.crop_size=64", "data.load_size=64", "model.num_downs=6"],
