@@ -185,10 +185,10 @@ def train(cfg: Config) -> TrainResult:
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_process = accelerator.is_main_process
+    recipe = recipe_for(cfg, world)  # before any folder is made: a recipe error is one line
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     say = accelerator.print
-    recipe = recipe_for(cfg, world)
 
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -199,7 +199,8 @@ def train(cfg: Config) -> TrainResult:
     set_seed(cfg.train.seed)  # identical initial weights on every rank
 
     # --- data -----------------------------------------------------------------------------
-    loader = build_loader(dataclasses.replace(cfg.data, batch_size=recipe.batch_per_process), "train", rank=rank, world_size=world, device=device,
+    data_cfg = dataclasses.replace(cfg.data, batch_size=recipe.batch_per_process)
+    loader = build_loader(data_cfg, "train", rank=rank, world_size=world, device=device,
                           seed=cfg.train.seed, exact_epochs=cfg.train.deterministic)
     sample_L, sample_ab = fixed_sample_batch(cfg, device) if main_process else (None, None)
 
