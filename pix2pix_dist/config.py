@@ -138,6 +138,18 @@ class TrainConfig:
     """Use channels_last memory format on CUDA (faster convolutions)."""
     compile: BoolValue = False
     """Wrap both networks in torch.compile (slow first steps, faster afterwards)."""
+    fused_adam: BoolValue = True
+    """Fused Adam kernels (CUDA and CPU): faster, and a step with a non-finite loss is skipped on
+    the device, without a host synchronisation. `false`: plain Adam (the reference's), checked on
+    the host after each backward pass."""
+    sync_every: int = 1
+    """Steps between the host's reads of the step's flags (skipped non-finite steps, a stop
+    request from SIGTERM/Ctrl-C); also read at log and checkpoint steps. 1: one synchronisation
+    per step; larger: the host runs ahead of the GPU, and a signal is acted on within this many
+    steps."""
+    d_concat: BoolValue = False
+    """One discriminator forward over the real and generated pairs together instead of two.
+    Changes the math: BatchNorm statistics are then computed over both halves at once."""
     seed: int = 0
     """Seed for weights, augmentation and shuffling."""
     deterministic: BoolValue = False
@@ -194,6 +206,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "model.ngf": (1, 1024), "model.ndf": (1, 1024), "model.num_downs": (5, 12),
     "model.d_layers": (1, 8), "optim.reference_batch": (1, 1 << 20),
     "train.steps": (0, 1 << 40), "train.seed": (0, 2**31 - 1), "train.max_nonfinite": (1, 1 << 40),
+    "train.sync_every": (1, 1 << 40),
     "log.every": (1, 1 << 40), "log.sample_every": (1, 1 << 40), "log.sample_count": (1, 256),
     "eval.every": (0, 1 << 40), "eval.count": (1, 1 << 20),
     "ckpt.every": (1, 1 << 40), "ckpt.keep": (1, 1000),

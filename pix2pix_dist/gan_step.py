@@ -1,8 +1,10 @@
 """The networks as training uses them, and one pix2pix iteration: a D step, then a G step.
 
-Shared by the training loop and the benchmark, so the benchmark times the real step.
+Shared by the training loop and the benchmark, so the benchmark times the real step. Its speed
+levers (fused Adam with an on-device skip, host reads every `train.sync_every` steps, compile,
+channels_last, `train.d_concat`) are described in docs/design.md, "The training step on the GPU".
 
-DDP and the BatchNorm discriminator (see ARCHITECTURE.md): D runs twice (fake, then real) before
+DDP and the BatchNorm discriminator (see docs/design.md): D runs twice (fake, then real) before
 one backward, so D's DDP wrapper must not broadcast buffers before each forward: that in-place
 write to BatchNorm's running statistics invalidates the first forward's saved tensors on CUDA.
 D's running statistics are never used (D always runs in training mode), so letting them differ
@@ -51,8 +53,12 @@ def build_models(cfg: Config) -> tuple[UNetGenerator, PatchDiscriminator]:
     return generator, discriminator
 
 
-def build_networks(cfg: Config, accelerator) -> Networks:
-    """Models (pix2pix init), Adam optimizers, compile and DDP via `accelerator.prepare`."""
+def build_networks(cfg: Config, accelerator,
+                   memory_format: torch.memory_format | None = None) -> Networks:
+    """Models (pix2pix init), Adam optimizers, compile and DDP via `accelerator.prepare`.
+
+    `memory_format` overrides the rule "channels_last on CUDA when train.channels_last" (tests
+    use it to check the layout on a CPU)."""
     device, world = accelerator.device, accelerator.num_processes
     G_raw, D_raw = build_models(cfg)
     if cfg.model.norm == "syncbatch" and world > 1:
@@ -61,14 +67,18 @@ def build_networks(cfg: Config, accelerator) -> Networks:
                               "kernel); use model.norm=batch")
         G_raw = nn.SyncBatchNorm.convert_sync_batchnorm(G_raw)
         D_raw = nn.SyncBatchNorm.convert_sync_batchnorm(D_raw)
-    memory_format = torch.channels_last if (cfg.train.channels_last and device.type == "cuda") \
-        else torch.contiguous_format
+    if memory_format is None:
+        memory_format = torch.channels_last if (cfg.train.channels_last and device.type == "cuda") \
+            else torch.contiguous_format
     G_raw.to(device, memory_format=memory_format)
     D_raw.to(device, memory_format=memory_format)
-    fused = device.type == "cuda"
     betas = (cfg.optim.beta1, cfg.optim.beta2)
+    fused = cfg.train.fused_adam
     opt_G = torch.optim.Adam(G_raw.parameters(), lr=cfg.optim.lr, betas=betas, fused=fused)
     opt_D = torch.optim.Adam(D_raw.parameters(), lr=cfg.optim.lr, betas=betas, fused=fused)
+    # Only the networks are compiled: GanStep's requires_grad toggle and the optimizer steps stay
+    # eager, so a toggle can never be baked into a graph (dynamo guards on it and keeps one graph
+    # for D with trainable and one with frozen parameters).
     G_fast = torch.compile(G_raw) if cfg.train.compile else G_raw
     D_fast = torch.compile(D_raw) if cfg.train.compile else D_raw
     G, D, opt_G, opt_D = accelerator.prepare(G_fast, D_fast, opt_G, opt_D)
@@ -83,44 +93,59 @@ class StepResult:
     loss_D_fake: torch.Tensor
     loss_G_GAN: torch.Tensor
     loss_G_L1: torch.Tensor
-    d_ok: bool
-    """D's loss was finite on every rank (else its update was skipped everywhere)."""
-    g_ok: bool
-    """G's loss was finite on every rank (else its update was skipped everywhere)."""
-    stop: bool
-    """Some rank asked to stop: all ranks leave the loop after this step."""
+    ok: torch.Tensor
+    """On the device (bool, 0-dim): both losses were finite on every rank, so both updates ran.
+    When False, the update whose loss was not finite was skipped on every rank."""
+    skipped: int | None
+    """Host-read steps only (see GanStep.__call__): steps with a skipped update since the last
+    read, this one included; None on other steps."""
+    stop: bool = False
+    """Host-read steps only: some rank asked to stop, so all ranks leave the loop now."""
 
     def losses(self) -> dict[str, torch.Tensor]:
-        return {"loss/D_real": self.loss_D_real, "loss/D_fake": self.loss_D_fake,
-                "loss/G_GAN": self.loss_G_GAN, "loss/G_L1": self.loss_G_L1}
+        """The step's losses, zero when the step was skipped (so they can be summed on the device
+        and averaged over the good steps, whose count `ok` adds up)."""
+        values = {"loss/D_real": self.loss_D_real, "loss/D_fake": self.loss_D_fake,
+                  "loss/G_GAN": self.loss_G_GAN, "loss/G_L1": self.loss_G_L1}
+        return {k: torch.where(self.ok, v, torch.zeros_like(v)) for k, v in values.items()}
 
 
 class GanStep:
     """One pix2pix iteration on a batch (L, ab), in the reference's order: G forward; D step on
     real pairs -> 1 and generated pairs -> 0 with the loss halved; G step against the updated,
-    frozen D plus lambda * L1."""
+    frozen D plus lambda * L1.
 
-    def __init__(self, accelerator, nets: Networks, optim: OptimConfig) -> None:
-        self.accelerator, self.nets, self.optim = accelerator, nets, optim
+    A loss that is not finite on some rank skips that network's update on every rank. With fused
+    Adam (and no fp16 loss scaler) the skip happens on the device: the optimizer gets the
+    all-reduced flag as `found_inf`, as under a GradScaler, so no step waits for the GPU. Plain
+    Adam cannot take that flag, so the host reads it after each backward pass (two syncs)."""
 
-    def __call__(self, L: torch.Tensor, ab: torch.Tensor, stop: bool = False) -> StepResult:
+    def __init__(self, accelerator, nets: Networks, optim: OptimConfig, *,
+                 d_concat: bool = False) -> None:
+        self.accelerator, self.nets, self.optim, self.d_concat = accelerator, nets, optim, d_concat
+        fused = all(g.get("fused") for opt in (nets.opt_G, nets.opt_D) for g in opt.param_groups)
+        self.skip_on_device = fused and accelerator.scaler is None
+        self._skipped = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+
+    def __call__(self, L: torch.Tensor, ab: torch.Tensor, stop: bool | None = None) -> StepResult:
+        """One iteration. `stop` is this rank's stop request; passing it (True or False) makes
+        this a host-read step: the skipped-step count and the stop request of every rank are read
+        with one synchronisation (and one small all-reduce). Every rank must pass it at the same
+        steps. With `stop=None` and fused Adam the step never waits for the device."""
         acc, n, mode = self.accelerator, self.nets, self.optim.gan_mode
         L = L.contiguous(memory_format=n.memory_format)
         ab = ab.contiguous(memory_format=n.memory_format)
 
         with acc.autocast():
             fake_ab = n.G(L)
-            pred_fake = n.D(torch.cat([L, fake_ab.detach()], dim=1))
-            pred_real = n.D(torch.cat([L, ab], dim=1))
+            pred_real, pred_fake = self._discriminate(L, ab, fake_ab.detach())
         loss_D_real, loss_D_fake = d_loss(mode, pred_real, pred_fake)
         loss_D = 0.5 * (loss_D_real + loss_D_fake)
         # Backward even when the loss is not finite: every rank must join the same gradient
         # all-reduce; the update is then skipped on all ranks together.
         acc.backward(loss_D)
-        d_ok = _all_finite(acc, loss_D)[0]
-        if d_ok:
-            n.opt_D.step()
-        n.opt_D.zero_grad(set_to_none=True)
+        d_bad = self._any_rank_nonfinite(loss_D)
+        self._update(n.opt_D, d_bad)
 
         n.D_raw.requires_grad_(False)
         with acc.autocast():
@@ -129,21 +154,51 @@ class GanStep:
         loss_G_L1 = l1_loss(fake_ab, ab)
         acc.backward(loss_G_GAN + self.optim.lambda_l1 * loss_G_L1)
         n.D_raw.requires_grad_(True)
-        g_ok, stop_any = _all_finite(acc, loss_G_GAN + loss_G_L1, stop)
-        if g_ok:
-            n.opt_G.step()
-        n.opt_G.zero_grad(set_to_none=True)
-        return StepResult(loss_D_real.detach(), loss_D_fake.detach(), loss_G_GAN.detach(),
-                          loss_G_L1.detach(), d_ok, g_ok, stop_any)
+        g_bad = self._any_rank_nonfinite(loss_G_GAN + loss_G_L1)
+        self._update(n.opt_G, g_bad)
 
+        ok = (d_bad + g_bad) == 0
+        self._skipped += (~ok).long()
+        result = StepResult(loss_D_real.detach(), loss_D_fake.detach(), loss_G_GAN.detach(),
+                            loss_G_L1.detach(), ok, skipped=None)
+        if stop is not None:
+            result.skipped, result.stop = self._read(stop)
+        return result
 
-def _all_finite(accelerator, loss: torch.Tensor, stop: bool = False) -> tuple[bool, bool]:
-    """(loss finite on every rank, any rank asked to stop), with one small all-reduce.
+    def _discriminate(self, L: torch.Tensor, ab: torch.Tensor,
+                      fake_ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's logits on (real, fake) pairs: two forwards (fake first, as the reference), or one
+        over both (`d_concat`: BatchNorm then normalises real and fake together)."""
+        D = self.nets.D
+        if self.d_concat:
+            pred = D(torch.cat([torch.cat([L, fake_ab], 1), torch.cat([L, ab], 1)], 0))
+            pred_fake, pred_real = pred.chunk(2)
+            return pred_real, pred_fake
+        pred_fake = D(torch.cat([L, fake_ab], dim=1))
+        return D(torch.cat([L, ab], dim=1)), pred_fake
 
-    Called after each of the two backward passes; these are the step's host synchronisations."""
-    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                         torch.tensor(float(stop), device=loss.device)])
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags, reduction="sum")
-    bad, stop_any = (flags > 0).tolist()
-    return not bad, stop_any
+    def _any_rank_nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
+        """1.0 (float, on the device) when `loss` is not finite on some rank, else 0.0."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        return (bad > 0).float()
+
+    def _update(self, opt: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+        if self.skip_on_device:
+            inner = getattr(opt, "optimizer", opt)  # Accelerate's wrapper forwards step()
+            inner.found_inf = bad  # read by fused Adam's step, as a GradScaler sets it
+            opt.step()
+            del inner.found_inf
+        elif not bad.item():  # host sync: plain Adam has no on-device skip
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _read(self, stop: bool) -> tuple[int, bool]:
+        """(skipped steps since the last read, any rank asked to stop): the one host read."""
+        stop_any = torch.tensor(float(stop), device=self._skipped.device)
+        if self.accelerator.num_processes > 1:
+            stop_any = self.accelerator.reduce(stop_any, reduction="sum")
+        skipped, stop_count = torch.stack([self._skipped.float(), stop_any]).tolist()
+        self._skipped.zero_()
+        return int(skipped), stop_count > 0

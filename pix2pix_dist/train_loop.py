@@ -207,7 +207,7 @@ def train(cfg: Config) -> TrainResult:
     # --- models, optimizers, resume ---------------------------------------------------------
     nets = build_networks(cfg, accelerator)
     G_raw, D_raw = nets.G_raw, nets.D_raw
-    step_fn = GanStep(accelerator, nets, cfg.optim)
+    step_fn = GanStep(accelerator, nets, cfg.optim, d_concat=cfg.train.d_concat)
     start_step, nonfinite = 0, 0
     resumed_from = choose_checkpoint(cfg, run_dir, rank)
     if resumed_from is not None:
@@ -279,28 +279,31 @@ def train(cfg: Config) -> TrainResult:
             t0 = time.perf_counter()
             L, ab = next(data)
             data_wait += time.perf_counter() - t0
-            result = step_fn(L, ab, stop=stop.signal is not None)
+            # The host reads the step's flags only at some steps (docs/design.md, "The training
+            # step on the GPU"); in between, skipped steps are counted on the device.
+            read = _reads_flags(step + 1, recipe.steps, cfg)
+            result = step_fn(L, ab, stop=(stop.signal is not None) if read else None)
 
             step += 1
             tick_steps += 1
-            if not (result.d_ok and result.g_ok):
-                nonfinite += 1
-                say(f"warning: non-finite loss at step {step}; update skipped ({nonfinite} so far)")
+            for key, value in result.losses().items():  # zero for a skipped step
+                sums[key] += value
+            sums["n"] += result.ok
+            if result.skipped:
+                nonfinite += result.skipped
+                say(f"warning: non-finite loss in {result.skipped} step(s) up to step {step}; "
+                    f"update skipped ({nonfinite} so far)")
                 if nonfinite >= cfg.train.max_nonfinite:
                     raise TrainingError(
                         f"{nonfinite} steps had non-finite losses (train.max_nonfinite="
                         f"{cfg.train.max_nonfinite}); stopping. Try train.mixed_precision=bf16 or "
                         f"a lower optim.lr, and resume from the last checkpoint")
-            else:
-                for key, value in result.losses().items():
-                    sums[key] += value
-                sums["n"] += 1
 
             if progress is not None:
                 progress.update(1)
             if step % cfg.log.every == 0 or step == recipe.steps or result.stop:
+                scalars = _mean_losses(accelerator, sums)  # waits for the device: time after it
                 elapsed = time.perf_counter() - tick_start
-                scalars = _mean_losses(accelerator, sums)
                 scalars.update({
                     "lr": lr, "epoch": step / len(loader), "nonfinite_steps": nonfinite,
                     "data/skipped_samples": loader.skipped,
@@ -348,7 +351,15 @@ def _mean_losses(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]
         totals = accelerator.reduce(totals, reduction="sum")
     values = dict(zip(keys, totals.tolist()))
     n = values.pop("n")
-    return {k: v / n for k, v in values.items()}
+    return {k: v / n for k, v in values.items()} if n else {}
+
+
+def _reads_flags(step: int, last: int, cfg: Config) -> bool:
+    """Whether the host reads the step's flags after iteration `step` (1-based): every
+    train.sync_every steps, and at log points, checkpoints and the `last` step, so that what they
+    record is exact."""
+    return step == last or any(
+        step % every == 0 for every in (cfg.train.sync_every, cfg.log.every, cfg.ckpt.every))
 
 
 def _progress_bar(enabled: bool, start: int, total: int):
