@@ -1,19 +1,23 @@
-"""Throughput benchmark: input pipelines and the training step, in one run, as ratios.
+"""Throughput benchmark: the reference step against ours, end to end, and the input pipelines.
 
     python -m pix2pix_dist.bench                     # COCO-like synthetic shards, no download
-    python -m pix2pix_dist.bench --shards shards/coco --compile
+    python -m pix2pix_dist.bench --shards shards/coco --compile --batch-sweep 64,128,256
 
-Input pipeline (images/s, on the same shards, batches delivered on the device):
+Training (point.py): the real training loop (train_loop.train) fed from shards by the real
+loader, each point in its own process: the reference step (the original pix2pix habits: fp32,
+NCHW, eager, plain Adam; the same networks, losses and data) and ours at the same batch, then ours
+over a batch sweep. Per point: images/s, step-only images/s, data-wait fraction and so the
+bottleneck, peak GPU memory; TFLOP/s and MFU from the FLOPs counted on the real step (flops.py).
+
+Input pipeline alone (images/s, on the same shards, batches delivered on the device):
   dali      build_loader(backend="dali"): decode + resize + crop + flip + Lab ("mixed" GPU decode)
   torch     build_loader(backend="torch"): our webdataset + DataLoader fallback
   tutorial  the well-known COCO colorization tutorial's loader, reproduced here: per sample PIL
             open + RGB, Resize((S, S), BICUBIC), RandomHorizontalFlip, np.array, skimage rgb2lab,
             L/50-1, ab/110, in a DataLoader with N workers, batches moved to the device.
-Training step (images/s, ms/step, TFLOP/s, peak GPU memory): the real pix2pix D step + G step on
-synthetic on-device batches, eager and (with --compile) torch.compile.
 
-Results go to stdout as a table and to bench_results/<date>-<device>.json and .md. Speed targets
-live here (printed as PASS/FAIL on CUDA), never in unit tests.
+Results go to stdout as a table and to benchmarks/results/<date>-<device>.json and .md. Speed
+targets live here (PASS/FAIL on CUDA with the default networks), never in unit tests.
 """
 
 from .cli import main

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -10,47 +11,53 @@ from typing import Any
 
 import torch
 
+from ..cli import CliError, parse
 from .errors import BenchError
 from .measure import measure_input_pipelines, measure_training, train_shards
 from .report import environment, format_report, summarize, write_results
-from .settings import BenchSettings, parse_args
+from .settings import BenchSettings, resolve
 from .synthetic import SYNTH_QUALITY, SYNTH_SIZE, ensure_synthetic_shards
 
+DESCRIPTION = ("Throughput of pix2pix_dist: the reference step (fp32, NCHW, eager, plain Adam) and "
+               "ours side by side, end to end from shards through the training loop, with FLOPs, "
+               "MFU and a batch sweep; and the input pipelines alone (DALI, torch, tutorial).")
 
-def run(s: BenchSettings) -> dict[str, Any]:
-    """Every measurement the settings ask for, as one results dict (also written to disk)."""
+
+def run(s: BenchSettings, command: str) -> dict[str, Any]:
+    """Every measurement the settings ask for, as one results dict."""
     device = torch.device(s.device)
     results: dict[str, Any] = {
-        "schema": 1,
+        "schema": 2,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
         "environment": environment(device),
         "settings": asdict(s),
     }
-    if s.only != "train":
-        if s.shards:
-            shards = Path(s.shards)
-            train_shards(shards)
-            results["data_source"] = "existing shards"
-        else:
-            shards = ensure_synthetic_shards(Path(s.cache), s.synthetic, seed=s.seed,
-                                             workers=s.workers)
-            results["data_source"] = (f"synthetic: {s.synthetic} {SYNTH_SIZE[0]}x{SYNTH_SIZE[1]} "
-                                      f"JPEG q{SYNTH_QUALITY} crops of scikit-image photos")
-        results["data"] = measure_input_pipelines(s, shards, device)
+    if s.shards:
+        shards = Path(s.shards)
+        train_shards(shards)
+        results["data_source"] = "existing shards"
+    else:
+        shards = ensure_synthetic_shards(Path(s.cache), s.synthetic, seed=s.seed, workers=s.workers)
+        results["data_source"] = (f"synthetic: {s.synthetic} {SYNTH_SIZE[0]}x{SYNTH_SIZE[1]} "
+                                  f"JPEG q{SYNTH_QUALITY} crops of scikit-image photos")
     if s.only != "data":
-        results["train"] = {"eager": measure_training(s, device, compiled=False)}
-        if s.compile:
-            results["train"]["compile"] = measure_training(s, device, compiled=True)
+        results["train"] = measure_training(s, shards, device,
+                                            results["environment"]["device_name"])
+    if s.only != "train":
+        results["data"] = measure_input_pipelines(s, shards, device)
     summarize(results)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "-m", "pix2pix_dist.bench", *argv])
     try:
-        settings = parse_args(argv)
-        results = run(settings)
-    except BenchError as exc:
+        settings = resolve(parse(BenchSettings, argv, prog="python -m pix2pix_dist.bench",
+                                 description=DESCRIPTION))
+        results = run(settings, command)
+    except (BenchError, CliError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     json_path, md_path = write_results(results, Path(settings.output))

@@ -1,16 +1,18 @@
-"""The measurements: input pipelines (DALI, torch fallback, tutorial) and the training step."""
+"""The measurements: input pipelines (DALI, torch fallback, tutorial) and training points (the
+reference step and ours, end to end from shards through the real training loop)."""
 
 from __future__ import annotations
 
 import gc
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import BenchError
+from .flops import peak_bf16_tflops, step_flops_per_image
+from .point import PointSpec, point_config, run_point
 from .settings import BenchSettings
 from .timing import Timing, time_iterations
 from .tutorial_loader import tutorial_batches
@@ -18,11 +20,6 @@ from .tutorial_loader import tutorial_batches
 if TYPE_CHECKING:
     from ..data.shards_index import ShardSet
 
-
-# One pix2pix training step (unet_256, ngf 64, 70x70 PatchGAN, G forward + D on fake and real +
-# G step backward) costs about 86.0 GFLOP per 256x256 image (see ARCHITECTURE.md). Other crops
-# scale it by area; other depths (num_downs) change it only slightly (the inner levels are tiny).
-GFLOP_PER_IMAGE_256 = 86.0
 LOADERS = ("dali", "torch", "tutorial")
 
 
@@ -105,79 +102,46 @@ def measure_input_pipelines(s: BenchSettings, shards: Path, device: torch.device
     return {"shards": str(shards), "images": images, "tars": len(tars), "loaders": results}
 
 
-# Training step
+# Training points
 
-def gflop_per_image(crop: int) -> float:
-    """The unet_256 step cost (86.0 GFLOP at 256x256) scaled by image area."""
-    return GFLOP_PER_IMAGE_256 * (crop / 256) ** 2
-
-
-class TrainStep:
-    """A callable training iteration that returns the images it used; keeps the last G loss."""
-
-    def __init__(self, fn: Callable[[], torch.Tensor], images: int) -> None:
-        self.fn, self.images, self.last_loss = fn, images, None
-
-    def __call__(self) -> int:
-        self.last_loss = self.fn()
-        return self.images
+INPUT_BOUND_WAIT = 0.05
+"""A point whose loop waited for data more than this fraction of the time is input-bound."""
 
 
-def make_train_step(s: BenchSettings, device: torch.device, compiled: bool) -> TrainStep:
-    """The training loop's own step (gan_step.GanStep, including its finite-loss checks) on a
-    fixed synthetic batch: unet with ngf 64, 70x70 PatchGAN, Adam, bf16 autocast and
-    channels_last on CUDA, fp32 on CPU."""
+def measure_training(s: BenchSettings, shards: Path, device: torch.device,
+                     device_name: str) -> dict[str, Any]:
+    """The reference step and ours at the same batch, ours over the batch sweep; FLOPs per image
+    counted on our real step; achieved TFLOP/s and MFU against the device's bf16 peak."""
     from accelerate import Accelerator
 
-    from ..config import Config
-    from ..gan_step import GanStep, build_networks
-
-    cuda = device.type == "cuda"
-    torch.backends.cudnn.benchmark = True
-    cfg = Config()
-    cfg.model.num_downs, cfg.train.compile = s.num_downs, compiled
-    cfg.train.mixed_precision = "bf16" if cuda else "no"
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not cuda)
-    nets = build_networks(cfg, accelerator)
-    step_fn = GanStep(accelerator, nets, cfg.optim)
-
-    gen = torch.Generator(device=device).manual_seed(s.seed)
-    shape = (s.train_batch_size, 1, s.crop, s.crop)
-    L = torch.rand(shape, device=device, generator=gen) * 2 - 1
-    ab = torch.rand((shape[0], 2, *shape[2:]), device=device, generator=gen) - 0.5
-
-    def step() -> torch.Tensor:
-        result = step_fn(L, ab)
-        return result.loss_G_GAN + cfg.optim.lambda_l1 * result.loss_G_L1
-
-    return TrainStep(step, s.train_batch_size)
-
-
-def measure_training(s: BenchSettings, device: torch.device, compiled: bool) -> dict[str, Any]:
-    """img/s, ms/step, TFLOP/s and peak memory of the training step."""
-    print(f"measuring training step: {'compiled' if compiled else 'eager'} ...", flush=True)
+    base = PointSpec(kind="ours", batch=s.train_batch_size, shards=str(shards), crop=s.crop,
+                     load_size=s.load_size, num_downs=s.num_downs, ngf=s.ngf, ndf=s.ndf,
+                     workers=s.workers,
+                     warmup=s.warmup, steps=s.steps,
+                     log_every=s.log_every, compile=s.compile, seed=s.seed, run_dir="")
+    print("counting FLOPs of one training step ...", flush=True)
+    flops = step_flops_per_image(point_config(base, device.type),
+                                 Accelerator(cpu=device.type != "cuda"), s.crop)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    step = make_train_step(s, device, compiled)
-    # torch.compile compiles during the first step(s): they are warm-up, reported apart.
-    timing = time_iterations(step, device=device, seconds=s.seconds, warmup=s.warmup,
-                             max_iters=s.max_iters)
-    loss = float(step.last_loss)
-    if not math.isfinite(loss):
-        raise BenchError(f"training step produced a non-finite loss ({loss})")
-    ips = timing.per_second
-    gflop = gflop_per_image(s.crop)
-    result = {
-        "images_per_s": ips, "ms_per_step": 1000 * timing.seconds / timing.iterations,
-        "steps": timing.iterations, "seconds": timing.seconds, "first_step_s": timing.first_s,
-        "gflop_per_image": gflop, "tflop_per_s": ips * gflop / 1000,
-        "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30
-                             if device.type == "cuda" else None),
-        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-        "batch_size": s.train_batch_size, "crop": s.crop, "num_downs": s.num_downs,
-    }
-    del step
-    gc.collect()
-    return result
+    peak = peak_bf16_tflops(device_name) if device.type == "cuda" else None
+    specs = [PointSpec(**{**vars(base), "kind": "reference"})]
+    specs += [PointSpec(**{**vars(base), "batch": b}) for b in s.sweep()]
+    points = []
+    for spec in specs:
+        print(f"measuring training: {spec.kind}, batch {spec.batch} ...", flush=True)
+        entry: dict[str, Any] = {"kind": spec.kind, "batch": spec.batch,
+                                 **run_point(spec, s.point_timeout)}
+        if "error" in entry:
+            print(f"  skipped: {entry['error']}", flush=True)
+        else:
+            entry["tflop_per_s"] = entry["images_per_s"] * flops / 1e12
+            entry["mfu"] = entry["tflop_per_s"] / peak if peak else None
+            entry["bottleneck"] = ("input pipeline" if entry["data_wait_frac"] > INPUT_BOUND_WAIT
+                                   else "training step")
+        points.append(entry)
+    return {"flops_per_image": flops, "flop_count": "torch.utils.flop_counter.FlopCounterMode "
+            "on one eager call of the training step (convolutions and matmuls, forward and backward)",
+            "peak_bf16_tflops": peak, "peak_source": (device_name if peak else "unknown"),
+            "points": points}

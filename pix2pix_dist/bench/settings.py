@@ -1,10 +1,13 @@
-"""Benchmark settings: the command line, its device-dependent defaults and their validation."""
+"""Benchmark options, declared once: the dataclass below is the command line (pix2pix_dist/cli.py
+derives it), and `resolve` fills the device-dependent defaults and checks the ranges."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import math
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -13,98 +16,106 @@ from .errors import BenchError
 
 @dataclass
 class BenchSettings:
-    device: str
-    """`cuda` or `cpu` (resolved from --device auto)."""
-    shards: str | None
-    """Existing shards to read, or None for the synthetic COCO-like set."""
-    synthetic: int
-    """Images in the synthetic set (640x480 JPEG q90)."""
-    cache: str
-    """Folder of the synthetic shards (reused when it holds the same set)."""
-    batch_size: int
-    """Images per batch for the input-pipeline measurements."""
-    train_batch_size: int
-    """Images per training step."""
-    crop: int
-    """Training crop (and the tutorial loader's square resize)."""
-    load_size: int
-    """Shorter side our loaders resize to before cropping (pix2pix: 286 for a 256 crop)."""
-    num_downs: int
-    """Generator depth: 8 is unet_256, 7 is unet_128."""
-    workers: int
-    """DALI CPU threads / DataLoader workers for every loader (the same for a fair ratio)."""
-    seconds: float
-    """Timed seconds per measurement (after warm-up)."""
-    warmup: int
-    """Warm-up batches/steps excluded from the timing."""
-    max_iters: int | None
-    """Stop a measurement after this many timed batches/steps even before `seconds`."""
-    only: str | None
-    """`data`, `train`, or None for both."""
-    compile: bool
-    """Also measure the training step under torch.compile."""
-    output: str
-    """Folder for the results files."""
-    seed: int
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where to measure: `auto` is CUDA when a GPU is visible, else the CPU."""
+    shards: str | None = None
+    """Existing shards folder (e.g. shards/coco) instead of the synthetic COCO-like set."""
+    synthetic: int | None = None
+    """Synthetic 640x480 JPEGs to build (default: 2048 on CUDA, 96 on CPU)."""
+    cache: str = "shards/bench-640x480"
+    """Folder of the synthetic shards, reused while it holds the same set."""
+    batch_size: int | None = None
+    """Input-pipeline batch (default: 256 on CUDA, 8 on CPU)."""
+    train_batch_size: int | None = None
+    """Batch of the reference step and of ours beside it (default: 16 on CUDA, 2 on CPU)."""
+    batch_sweep: str | None = None
+    """Further batches for our step, comma-separated, e.g. 64,128,256 (default: 64,128,256 on
+    CUDA, none on CPU); the fastest point is reported as ours at its best batch."""
+    crop: int | None = None
+    """Training crop (default: 256 on CUDA, 128 on CPU)."""
+    load_size: int | None = None
+    """Shorter side our loaders resize to before cropping (default: crop * 286 / 256)."""
+    num_downs: int | None = None
+    """Generator depth: 8 is unet_256 (default on CUDA), 7 is unet_128 (default on CPU)."""
+    ngf: int = 64
+    """Generator filters in the first layer (pix2pix: 64; smaller only for quick tries)."""
+    ndf: int = 64
+    """Discriminator filters in the first layer (pix2pix: 64)."""
+    workers: int = os.cpu_count() or 1
+    """DALI threads / DataLoader workers of every loader (the same for a fair ratio)."""
+    seconds: float | None = None
+    """Timed seconds per input-pipeline measurement (default: 20 on CUDA, 4 on CPU)."""
+    max_iters: int | None = None
+    """Cap on the timed batches of an input-pipeline measurement."""
+    warmup: int | None = None
+    """Warm-up batches of the input pipelines, and untimed first training steps (torch.compile
+    and cuDNN autotuning happen there). Default: 20 on CUDA, 2 on CPU."""
+    steps: int | None = None
+    """Timed training steps per training point, after the warm-up (default: 100 on CUDA, 4 on CPU)."""
+    only: Literal["data", "train"] | None = None
+    """Measure only the input pipelines (`data`) or only the training points (`train`)."""
+    compile: bool = False
+    """Our step under torch.compile (the reference always runs eager)."""
+    point_timeout: float = 1800.0
+    """Seconds one training point may take (start-up and compilation included)."""
+    output: str = "benchmarks/results"
+    """Folder for the results files (<date>-<device>.json and .md)."""
+    seed: int = 0
+    """Seed of the synthetic set, the weights and the data order."""
+
+    def sweep(self) -> list[int]:
+        """The batches of our step: the reference's, then the sweep's, without repeats."""
+        assert self.train_batch_size is not None and self.batch_sweep is not None
+        extra = [int(b) for b in self.batch_sweep.split(",") if b.strip()]
+        return list(dict.fromkeys([self.train_batch_size, *extra]))
+
+    @property
+    def log_every(self) -> int:
+        """Training points log every this many steps: whole log intervals are warm-up or timed."""
+        assert self.warmup is not None and self.steps is not None
+        return math.gcd(self.warmup, self.steps)
 
 
-def parse_args(argv: list[str]) -> BenchSettings:
-    """Command line -> settings, with defaults that depend on the device (small on CPU)."""
-    p = argparse.ArgumentParser(
-        prog="python -m pix2pix_dist.bench",
-        description="Input pipeline (DALI vs torch fallback vs tutorial loader) and training "
-                    "step throughput. Defaults are sized for one H100 on CUDA and for a few "
-                    "minutes on a small CPU machine otherwise.")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    p.add_argument("--shards", help="existing shards folder (e.g. shards/coco) instead of the "
-                                    "synthetic COCO-like set")
-    p.add_argument("--synthetic", type=int, metavar="N",
-                   help="synthetic 640x480 JPEGs to build (default: 2048 on CUDA, 96 on CPU)")
-    p.add_argument("--cache", default="shards/bench-640x480",
-                   help="folder of the synthetic shards, reused when it holds the same set")
-    p.add_argument("--batch-size", type=int, help="input-pipeline batch (default 256 CUDA / 8 CPU)")
-    p.add_argument("--train-batch-size", type=int, help="training batch (default 64 CUDA / 2 CPU)")
-    p.add_argument("--crop", type=int, help="training crop (default 256 CUDA / 128 CPU)")
-    p.add_argument("--load-size", type=int, help="resize before crop (default crop*286/256)")
-    p.add_argument("--num-downs", type=int, help="generator depth (default 8 CUDA / 7 CPU)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="DALI threads / DataLoader workers of every loader (default: all cores)")
-    p.add_argument("--seconds", type=float, help="timed seconds per measurement (20 CUDA / 4 CPU)")
-    p.add_argument("--warmup", type=int, help="warm-up batches/steps, not timed (5 CUDA / 2 CPU)")
-    p.add_argument("--max-iters", type=int, help="cap on timed batches/steps per measurement")
-    p.add_argument("--only", choices=("data", "train"))
-    p.add_argument("--compile", action="store_true", help="also time the step with torch.compile")
-    p.add_argument("--output", default="bench_results", help="results folder")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-
-    if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif a.device == "cuda" and not torch.cuda.is_available():
+def resolve(s: BenchSettings) -> BenchSettings:
+    """`s` with the device-dependent defaults filled in and every range checked (BenchError)."""
+    device = s.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no CUDA device is available")
-    gpu = a.device == "cuda"
+    gpu = device == "cuda"
 
     def pick(value, on_gpu, on_cpu):
         return value if value is not None else (on_gpu if gpu else on_cpu)
 
-    crop = pick(a.crop, 256, 128)
-    s = BenchSettings(
-        device=a.device, shards=a.shards, synthetic=pick(a.synthetic, 2048, 96), cache=a.cache,
-        batch_size=pick(a.batch_size, 256, 8), train_batch_size=pick(a.train_batch_size, 64, 2),
-        crop=crop, load_size=a.load_size if a.load_size is not None else round(crop * 286 / 256),
-        num_downs=pick(a.num_downs, 8, 7), workers=a.workers,
-        seconds=pick(a.seconds, 20.0, 4.0), warmup=pick(a.warmup, 5, 2),
-        max_iters=a.max_iters, only=a.only, compile=a.compile, output=a.output, seed=a.seed)
-    _validate(s)
-    return s
+    crop = pick(s.crop, 256, 128)
+    r = dataclasses.replace(
+        s, device=device, synthetic=pick(s.synthetic, 2048, 96),
+        batch_size=pick(s.batch_size, 256, 8), train_batch_size=pick(s.train_batch_size, 16, 2),
+        batch_sweep=pick(s.batch_sweep, "64,128,256", ""), crop=crop,
+        load_size=s.load_size if s.load_size is not None else round(crop * 286 / 256),
+        num_downs=pick(s.num_downs, 8, 7), seconds=pick(s.seconds, 20.0, 4.0),
+        warmup=pick(s.warmup, 20, 2), steps=pick(s.steps, 100, 4))
+    _validate(r)
+    return r
 
 
 def _validate(s: BenchSettings) -> None:
-    for name in ("synthetic", "batch_size", "train_batch_size", "crop", "workers"):
+    for name in ("synthetic", "batch_size", "train_batch_size", "crop", "ngf", "ndf", "workers",
+                 "warmup", "steps"):
         if getattr(s, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-    if s.seconds <= 0 or s.warmup < 0 or (s.max_iters is not None and s.max_iters < 1):
-        raise BenchError("--seconds must be positive, --warmup >= 0 and --max-iters >= 1")
+    try:
+        batches = s.sweep()
+    except ValueError:
+        raise BenchError(f"--batch-sweep {s.batch_sweep!r}: expected batch sizes separated by "
+                         f"commas, e.g. 64,128,256") from None
+    if min(batches) < 1:
+        raise BenchError(f"--batch-sweep {s.batch_sweep!r}: batch sizes must be at least 1")
+    if not (math.isfinite(s.seconds) and s.seconds > 0) or (s.max_iters is not None and s.max_iters < 1):
+        raise BenchError("--seconds must be positive and finite, --max-iters at least 1")
+    if not (math.isfinite(s.point_timeout) and s.point_timeout > 0):
+        raise BenchError(f"--point-timeout must be positive, got {s.point_timeout}")
     if s.num_downs < 5:
         raise BenchError(f"--num-downs must be at least 5, got {s.num_downs}")
     if s.crop % 2 ** s.num_downs:

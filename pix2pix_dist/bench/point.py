@@ -1,0 +1,134 @@
+"""One training point of the benchmark: the real training loop (train_loop.train) fed by the real
+loader from shards, run in its own process, timed from the loop's own per-interval statistics.
+
+Its own process, because each point needs a fresh Accelerate state (the reference runs in fp32,
+ours in bf16, and Accelerate allows one precision per process), a fresh torch.compile cache (a
+second batch size would otherwise be compiled with dynamic shapes) and its own peak memory.
+
+    python -m pix2pix_dist.bench.point SPEC.json RESULT.json      (the benchmark runs this)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ..atomic import atomic_write
+from ..config import Config
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class PointSpec:
+    kind: Literal["reference", "ours"]
+    batch: int
+    shards: str
+    crop: int
+    load_size: int
+    num_downs: int
+    ngf: int
+    ndf: int
+    workers: int
+    warmup: int
+    """Untimed first steps (a whole number of log intervals)."""
+    steps: int
+    """Timed steps after the warm-up (a whole number of log intervals)."""
+    log_every: int
+    compile: bool
+    seed: int
+    run_dir: str
+
+
+def point_config(spec: PointSpec, device_type: str) -> Config:
+    """The run a point trains: our defaults, or the reference's habits (fp32, NCHW, eager, plain
+    Adam, host-checked skips), with the same networks, losses, data and batch."""
+    cfg = Config()
+    d, t = cfg.data, cfg.train
+    d.shards, d.batch_size, d.crop_size, d.load_size = spec.shards, spec.batch, spec.crop, spec.load_size
+    d.num_threads = spec.workers
+    cfg.model.num_downs, cfg.model.ngf, cfg.model.ndf = spec.num_downs, spec.ngf, spec.ndf
+    total = spec.warmup + spec.steps
+    t.steps, t.seed = total, spec.seed
+    cfg.optim.decay_steps = 0  # constant lr: the schedule is not what is measured
+    cfg.log.tracker, cfg.log.every, cfg.log.sample_every, cfg.log.sample_count = "none", spec.log_every, total, 1
+    cfg.ckpt.every, cfg.ckpt.keep = total, 1
+    cfg.run_dir = spec.run_dir
+    if spec.kind == "reference":
+        t.mixed_precision, t.channels_last, t.compile, t.fused_adam = "no", False, False, False
+    else:
+        t.compile = spec.compile
+        if device_type != "cuda":
+            t.mixed_precision = "no"  # what train() would fall back to, said here explicitly
+    return cfg
+
+
+def timed_rows(rows: list[dict[str, Any]], spec: PointSpec) -> dict[str, Any]:
+    """images/s, data-wait fraction and step-only images/s over the timed log intervals.
+
+    Each row covers `log_every` steps of `batch` images and holds that interval's images/s and
+    data-wait fraction; the intervals' durations are added up, not their rates averaged."""
+    timed = [r for r in rows if r["step"] > spec.warmup and "perf/images_per_s" in r]
+    if not timed:
+        raise ValueError(f"no timed log interval after step {spec.warmup}")
+    images = spec.log_every * spec.batch * len(timed)
+    seconds = sum(spec.log_every * spec.batch / r["perf/images_per_s"] for r in timed)
+    wait = sum(r["perf/data_wait_frac"] * spec.log_every * spec.batch / r["perf/images_per_s"]
+               for r in timed)
+    mem = [r["perf/gpu_mem_gib"] for r in timed if "perf/gpu_mem_gib" in r]
+    return {"images_per_s": images / seconds, "seconds": seconds, "images": images,
+            "timed_steps": spec.log_every * len(timed), "data_wait_frac": wait / seconds,
+            "step_images_per_s": images / (seconds - wait) if seconds > wait else None,
+            "peak_gpu_mem_gib": max(mem) if mem else None}
+
+
+def run_point(spec: PointSpec, timeout: float) -> dict[str, Any]:
+    """Train the point in a child process; its measurements, or {"error": one line}."""
+    work = Path(tempfile.mkdtemp(prefix="bench-point-"))
+    spec = dataclasses.replace(spec, run_dir=str(work / "run"))
+    spec_path, result_path, log_path = work / "spec.json", work / "result.json", work / "log.txt"
+    spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.run([sys.executable, "-m", "pix2pix_dist.bench.point", str(spec_path),
+                                   str(result_path)], stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, env=env, timeout=timeout)
+        if proc.returncode == 0 and result_path.exists():
+            return json.loads(result_path.read_text())
+        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        return {"error": lines[-1][:300] if lines else f"exit code {proc.returncode}"}
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within --point-timeout {timeout:g} s"}
+    finally:
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    """The child: train the spec's run, then write its timed measurements."""
+    import torch
+
+    from ..train_loop import train
+
+    spec = PointSpec(**json.loads(Path(argv[0]).read_text()))
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = point_config(spec, device_type)
+    train(cfg.validate())
+    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "stats.jsonl").read_text().splitlines()]
+    result = {**timed_rows(rows, spec), "precision": "bf16 autocast" if cfg.train.mixed_precision == "bf16" and device_type == "cuda" else "fp32",
+              "train_config": dataclasses.asdict(cfg.train)}
+    atomic_write(Path(argv[1]), json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
