@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,22 +17,25 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
+from conftest import REPO
 from pix2pix_dist.bench import main
 from pix2pix_dist.bench.flops import count_flops, peak_bf16_tflops, step_flops_per_image
 from pix2pix_dist.bench.measure import LOADERS
 from pix2pix_dist.bench.point import PointSpec, point_config, run_point, timed_rows
 from pix2pix_dist.bench.report import summarize
+from pix2pix_dist.bench.settings import BenchSettings, resolve
 from pix2pix_dist.bench.synthetic import ensure_synthetic_shards, make_synthetic_jpegs
+from pix2pix_dist.cli import parse
 from pix2pix_dist.config import Config
 
 TINY = ["--device", "cpu", "--synthetic", "16", "--batch-size", "4", "--train-batch-size", "2",
-        "--batch-sweep", "4", "--crop", "64", "--num-downs", "6", "--ngf", "4", "--ndf", "4",
+        "--batch-sweep", "2", "--crop", "64", "--num-downs", "6", "--ngf", "4", "--ndf", "4",
         "--workers", "2", "--seconds", "0.2", "--warmup", "1", "--steps", "2", "--max-iters", "2"]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> tuple[dict, Path]:
-    """One tiny full run: synthetic shards, three training points, three loaders."""
+    """One tiny full run: synthetic shards, two training points, three loaders."""
     root = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # the point processes: no thread contention on 2 cores
@@ -49,7 +54,7 @@ def test_results_record_device_versions_command_and_settings(results):
         assert name in env["versions"]
     assert "driver" in env and env["versions"]["torch"] == torch.__version__
     assert data["command"].startswith("python -m pix2pix_dist.bench --device cpu")
-    assert "--batch-sweep 4" in data["command"]
+    assert "--batch-sweep 2" in data["command"]
     assert data["settings"]["crop"] == 64 and data["settings"]["ngf"] == 4
     assert data["date"].endswith("Z")
     md = path.with_suffix(".md").read_text()
@@ -61,7 +66,7 @@ def test_training_points_run_the_real_loop_end_to_end(results):
     data, _ = results
     train = data["train"]
     points = [(p["kind"], p["batch"]) for p in train["points"]]
-    assert points == [("reference", 2), ("ours", 2), ("ours", 4)]
+    assert points == [("reference", 2), ("ours", 2)]  # the sweep's 2 is the reference's batch
     for p in train["points"]:
         assert "error" not in p, p.get("error")
         assert p["timed_steps"] == 2 and p["images"] == 2 * p["batch"]
@@ -74,9 +79,7 @@ def test_training_points_run_the_real_loop_end_to_end(results):
     assert ours["fused_adam"] is True and ours["compile"] is False
     # The FLOPs are the hand-derived count of these networks (see test_step_flops_...).
     assert train["flops_per_image"] == hand_step_flops(64, num_downs=6, ngf=4, ndf=4)
-    assert data["highlights"] == {"reference": 2, "ours_same_batch": 2,
-                                  "ours_best": max(train["points"][1:],
-                                                   key=lambda p: p["images_per_s"])["batch"]}
+    assert data["highlights"] == {"reference": 2, "ours_same_batch": 2, "ours_best": 2}
 
 
 def test_every_loader_has_a_positive_finite_throughput(results):
@@ -210,6 +213,49 @@ def test_a_failing_point_is_one_line_and_the_rest_goes_on(tmp_path):
     got = run_point(spec, timeout=300)
     assert set(got) == {"error"} and "\n" not in got["error"]
     assert str(tmp_path / "missing") in got["error"]
+
+
+def test_sweep_starts_at_the_reference_batch_without_repeats():
+    s = resolve(BenchSettings(device="cpu", train_batch_size=16, batch_sweep="64, 16,128,64"))
+    assert s.sweep() == [16, 64, 128]
+    assert resolve(BenchSettings(device="cpu")).sweep() == [2]  # CPU default: no sweep
+
+
+@pytest.mark.gpu
+def test_gpu_points_report_memory_and_mfu(tmp_path):
+    rc = main(["--device", "cuda", "--only", "train", "--synthetic", "64", "--crop", "128",
+               "--num-downs", "7", "--train-batch-size", "8", "--batch-sweep", "32",
+               "--warmup", "2", "--steps", "4", "--cache", str(tmp_path / "cache"),
+               "--output", str(tmp_path / "out")])
+    assert rc == 0
+    [path] = (tmp_path / "out").glob("*.json")
+    data = json.loads(path.read_text())
+    assert data["environment"]["driver"] and data["environment"]["versions"]["cudnn"]
+    points = data["train"]["points"]
+    assert [(p["kind"], p["batch"]) for p in points] == [("reference", 8), ("ours", 8), ("ours", 32)]
+    for p in points:
+        assert "error" not in p, p.get("error")
+        assert p["peak_gpu_mem_gib"] > 0
+        assert (p["mfu"] is None) == (data["train"]["peak_bf16_tflops"] is None)
+    assert points[0]["precision"] == "fp32" and points[1]["precision"] == "bf16 autocast"
+    assert points[2]["peak_gpu_mem_gib"] > points[1]["peak_gpu_mem_gib"]
+
+
+def test_gpu_check_script_dry_run_names_valid_bounded_steps():
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    steps = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
+    assert [name.split()[0] for name in steps] == ["gpu-tests", "bench", "demo"]
+    limits = [int(name.split("limit ")[1].rstrip("s)")) for name in steps]
+    assert sum(limits) <= 540  # fits a session's device time with start-up and staging
+    commands = list(steps.values())
+    assert "-m pytest -q -m gpu" in commands[0]
+    bench = shlex.split(commands[1])
+    assert bench[1:3] == ["-m", "pix2pix_dist.bench"] and "--compile" in bench
+    settings = resolve(parse(BenchSettings, bench[3:], prog="bench", description=""))
+    assert settings.compile and settings.output == "benchmarks/results"
+    assert "train.py --preset gpu-demo" in commands[2]
 
 
 # --- command line and data -------------------------------------------------------------------
