@@ -21,7 +21,7 @@ help:
 	@echo "make train   train (demo on the bundled sample shards unless SHARDS=... PRESET=...)"
 	@echo "make test    run the test suite"
 	@echo "make shards  images -> WebDataset shards (SOURCE=/data/coco/train2017, default: sample photos)"
-	@echo "make bench   input pipeline + training step throughput benchmark"
+	@echo "make bench   reference vs our training step end to end + input pipelines (benchmarks/results/)"
 	@echo "make clean   remove the virtualenv, caches, runs and built shards"
 
 setup: $(STAMP)

@@ -4,7 +4,6 @@ asked (the CUDA synchronisation count itself is checked in tests/test_training_g
 
 from __future__ import annotations
 
-import copy
 import socket
 import subprocess
 import sys

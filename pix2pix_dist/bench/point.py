@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,13 +53,14 @@ def point_config(spec: PointSpec, device_type: str) -> Config:
     Adam, host-checked skips), with the same networks, losses, data and batch."""
     cfg = Config()
     d, t = cfg.data, cfg.train
-    d.shards, d.batch_size, d.crop_size, d.load_size = spec.shards, spec.batch, spec.crop, spec.load_size
-    d.num_threads = spec.workers
+    d.shards, d.batch_size, d.num_threads = spec.shards, spec.batch, spec.workers
+    d.crop_size, d.load_size = spec.crop, spec.load_size
     cfg.model.num_downs, cfg.model.ngf, cfg.model.ndf = spec.num_downs, spec.ngf, spec.ndf
     total = spec.warmup + spec.steps
     t.steps, t.seed = total, spec.seed
     cfg.optim.decay_steps = 0  # constant lr: the schedule is not what is measured
-    cfg.log.tracker, cfg.log.every, cfg.log.sample_every, cfg.log.sample_count = "none", spec.log_every, total, 1
+    cfg.log.tracker, cfg.log.every = "none", spec.log_every
+    cfg.log.sample_every, cfg.log.sample_count = total, 1  # one small grid, after the timing
     cfg.ckpt.every, cfg.ckpt.keep = total, 1
     cfg.run_dir = spec.run_dir
     if spec.kind == "reference":
@@ -109,7 +111,6 @@ def run_point(spec: PointSpec, timeout: float) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish within --point-timeout {timeout:g} s"}
     finally:
-        import shutil
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -123,8 +124,10 @@ def main(argv: list[str]) -> int:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = point_config(spec, device_type)
     train(cfg.validate())
-    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "stats.jsonl").read_text().splitlines()]
-    result = {**timed_rows(rows, spec), "precision": "bf16 autocast" if cfg.train.mixed_precision == "bf16" and device_type == "cuda" else "fp32",
+    stats = (Path(cfg.run_dir) / "stats.jsonl").read_text().splitlines()
+    bf16 = cfg.train.mixed_precision == "bf16" and device_type == "cuda"
+    result = {**timed_rows([json.loads(line) for line in stats], spec),
+              "precision": "bf16 autocast" if bf16 else "fp32",
               "train_config": dataclasses.asdict(cfg.train)}
     atomic_write(Path(argv[1]), json.dumps(result) + "\n")
     return 0
