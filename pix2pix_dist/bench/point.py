@@ -58,7 +58,7 @@ def point_config(spec: PointSpec, device_type: str) -> Config:
     cfg.model.num_downs, cfg.model.ngf, cfg.model.ndf = spec.num_downs, spec.ngf, spec.ndf
     total = spec.warmup + spec.steps
     t.steps, t.seed = total, spec.seed
-    cfg.optim.decay_steps = 0  # constant lr: the schedule is not what is measured
+    cfg.optim.decay_fraction = 0.0  # constant lr: the schedule is not what is measured
     cfg.log.tracker, cfg.log.every = "none", spec.log_every
     cfg.log.sample_every, cfg.log.sample_count = total, 1  # one small grid, after the timing
     cfg.ckpt.every, cfg.ckpt.keep = total, 1
