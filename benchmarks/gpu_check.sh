@@ -8,7 +8,7 @@
 #     bash .devwheels/install.sh && bash benchmarks/gpu_check.sh
 # Logs and results go to $OUT (default /tmp/gpu-check); the benchmark's results files are also
 # written to benchmarks/results/, to be committed. Device time is short (about 15 minutes a
-# session, start-up included), so the whole script is bounded to about 8.5 minutes.
+# session, start-up included), so the whole script is bounded to 9 minutes.
 #     bash benchmarks/gpu_check.sh --dry-run     # print the steps without running them
 set -u
 DRY=0
@@ -36,6 +36,7 @@ if [ "$DRY" = 0 ]; then
 fi
 step gpu-tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 step bench 300 "$PY" -m pix2pix_dist.bench "${BENCH_ARGS[@]}"
+step sample-shards 30 "$PY" -m pix2pix_dist.shards --source sample --output shards/sample
 step demo 60 "$PY" train.py "${TRAIN_ARGS[@]}"
 if [ "$DRY" = 0 ]; then
   # Few files come back from the machine: the logs, the newest results pair, the demo's output.

@@ -46,6 +46,7 @@ def results(tmp_path_factory) -> tuple[dict, Path]:
     return json.loads(files[0].read_text()), files[0]
 
 
+@pytest.mark.slow  # the end-to-end benchmark run (point processes)
 def test_results_record_device_versions_command_and_settings(results):
     data, path = results
     env = data["environment"]
@@ -62,6 +63,7 @@ def test_results_record_device_versions_command_and_settings(results):
     assert not list(path.parent.glob(".*tmp*"))  # atomic writes leave no temporaries
 
 
+@pytest.mark.slow  # the end-to-end benchmark run (point processes)
 def test_training_points_run_the_real_loop_end_to_end(results):
     data, _ = results
     train = data["train"]
@@ -82,6 +84,7 @@ def test_training_points_run_the_real_loop_end_to_end(results):
     assert data["highlights"] == {"reference": 2, "ours_same_batch": 2, "ours_best": 2}
 
 
+@pytest.mark.slow  # the end-to-end benchmark run (point processes)
 def test_every_loader_has_a_positive_finite_throughput(results):
     data, _ = results
     assert data["data"]["images"] == 16
@@ -205,6 +208,7 @@ def test_speed_ups_and_verdicts_from_hand_made_numbers():
     assert cpu["end_to_end_images_per_s"]["verdict"] is None  # judged only where defined
 
 
+@pytest.mark.slow  # the end-to-end benchmark run (point processes)
 def test_a_failing_point_is_one_line_and_the_rest_goes_on(tmp_path):
     spec = PointSpec(kind="ours", batch=2, shards=str(tmp_path / "missing"), crop=32, load_size=36,
                      num_downs=5, ngf=4, ndf=4, workers=1, warmup=1, steps=1, log_every=1,
@@ -246,7 +250,7 @@ def test_gpu_check_script_dry_run_names_valid_bounded_steps():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     steps = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
-    assert [name.split()[0] for name in steps] == ["gpu-tests", "bench", "demo"]
+    assert [name.split()[0] for name in steps] == ["gpu-tests", "bench", "sample-shards", "demo"]
     limits = [int(name.split("limit ")[1].rstrip("s)")) for name in steps]
     assert sum(limits) <= 540  # fits a session's device time with start-up and staging
     commands = list(steps.values())
@@ -255,7 +259,8 @@ def test_gpu_check_script_dry_run_names_valid_bounded_steps():
     assert bench[1:3] == ["-m", "pix2pix_dist.bench"] and "--compile" in bench
     settings = resolve(parse(BenchSettings, bench[3:], prog="bench", description=""))
     assert settings.compile and settings.output == "benchmarks/results"
-    assert "train.py --preset gpu-demo" in commands[2]
+    assert "-m pix2pix_dist.shards --source sample --output shards/sample" in commands[2]
+    assert "train.py --preset gpu-demo" in commands[3]
 
 
 # --- command line and data -------------------------------------------------------------------

@@ -180,6 +180,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two gloo processes
 def test_two_gloo_ranks_skip_a_non_finite_step_together(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run(
