@@ -4,7 +4,6 @@ asked (the CUDA synchronisation count itself is checked in tests/test_training_g
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, run_python
 from pix2pix_dist.config import Config
 from pix2pix_dist.gan_step import GanStep, Networks, build_networks
 
@@ -174,17 +173,11 @@ def test_non_finite_loss_skips_the_update_on_the_device(accelerator):
     assert step(*batch(3), stop=False).skipped == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two gloo processes
 def test_two_gloo_ranks_skip_a_non_finite_step_together(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [str(torchrun), "--standalone", "--nproc_per_node", "2",  # standalone: a free port
          "tests/gan_step_worker.py", str(tmp_path)],
         cwd=REPO, env=clean_env(PYTHONPATH=f"{REPO}:{REPO / 'tests'}"), capture_output=True,
         text=True, timeout=300, stdin=subprocess.DEVNULL)
@@ -201,3 +194,19 @@ def test_two_gloo_ranks_skip_a_non_finite_step_together(tmp_path):
     for i in range(3):
         for k in views[0]["params"][i]:
             assert torch.equal(views[0]["params"][i][k], views[1]["params"][i][k]), (i, k)
+
+
+@pytest.mark.slow  # a training run
+def test_the_loop_reads_skipped_steps_every_sync_every_steps(sample_shards, tmp_path):
+    # Every step is non-finite (NaN weights); with train.sync_every=4 the host first hears of it
+    # at step 4, all four at once, and stops there (train.max_nonfinite=3).
+    proc = run_python(["tests/nan_worker.py", "data.load_size=64", "data.crop_size=64",
+                       "model.num_downs=6", "model.ngf=8", "model.ndf=8", "data.batch_size=2",
+                       "data.num_threads=1", "log.sample_count=2", "train.mixed_precision=no",
+                       f"data.shards={sample_shards}", f"run_dir={tmp_path / 'run'}",
+                       "train.steps=50", "log.every=50", "train.sync_every=4",
+                       "train.max_nonfinite=3", "log.tracker=none"], env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 4 steps had non-finite losses")
+    assert proc.stdout.count("update skipped") == 1
+    assert "non-finite loss in 4 step(s) up to step 4" in proc.stdout
