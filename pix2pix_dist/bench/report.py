@@ -174,7 +174,7 @@ def format_report(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {p['batch']} | {_fmt(p['images_per_s'])} | "
                 f"{_fmt(p['step_images_per_s'])} | {100 * p['data_wait_frac']:.1f}% | "
-                f"{p['bottleneck']} | {_fmt(p['tflop_per_s'], '.2f')} | "
+                f"{p['bottleneck']} | {_fmt(p['tflop_per_s'], '.3g')} | "
                 f"{_fmt(None if p['mfu'] is None else 100 * p['mfu'], '.1f')}{'%' if p['mfu'] is not None else ''} | "
                 f"{_fmt(p['peak_gpu_mem_gib'], '.2f')} |")
         lines += ["", f"FLOPs per image, counted by FlopCounterMode on the real step: "
