@@ -4,7 +4,8 @@
 # gpu-demo training run. Each step has its own time limit; a failing step does not stop the next.
 #
 # On the GPU machine, from the project root, after staging the packages it lacks
-# (../shared/device/stage-wheels.sh and its header explain how):
+# (../shared/device/stage-wheels.sh and its header explain how; the command-line layer also needs
+# tyro:  EXTRA_WHEELS="tyro docstring-parser typeguard" bash ../shared/device/stage-wheels.sh):
 #     bash .devwheels/install.sh && bash benchmarks/gpu_check.sh
 # Logs and results go to $OUT (default /tmp/gpu-check); the benchmark's results files are also
 # written to benchmarks/results/, to be committed. Device time is short (about 15 minutes a
@@ -32,7 +33,8 @@ step() {  # step NAME SECONDS CMD...: run, keep the log, print one status line
 if [ "$DRY" = 0 ]; then
   mkdir -p "$OUT" benchmarks/results
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-  "$PY" -c "import torch, nvidia.dali as d; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'dali', d.__version__)" | tee -a "$OUT/gpu.txt"
+  # A missing package fails here, in one line, rather than in every step.
+  "$PY" -c "import tyro, kornia, webdataset, wandb, torch, nvidia.dali as d; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'dali', d.__version__)" 2>&1 | tail -n 1 | tee -a "$OUT/gpu.txt"
 fi
 step gpu-tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 step bench 300 "$PY" -m pix2pix_dist.bench "${BENCH_ARGS[@]}"
