@@ -13,7 +13,6 @@ The run folder must be on storage every node can reach (as usual for multi-node 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -22,12 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
 from torch import nn
 
-from .atomic import atomic_write, fsync_dir
-from .models import UNetGenerator
+from .atomic import fsync_dir
+from .export import export_generator
 
 PREFIX = "step-"
 
@@ -124,25 +121,3 @@ def latest_loadable(run_dir: Path) -> Path | None:
         except (OSError, zipfile.BadZipFile) as exc:
             print(f"warning: skipping damaged checkpoint {path}: {exc}")
     return None
-
-
-def export_generator(generator: nn.Module, path: Path, meta: dict[str, Any]) -> None:
-    """Generator weights and buffers as safetensors, with its constructor arguments as metadata."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    atomic_write(path, save(tensors, metadata={"pix2pix_dist.generator": json.dumps(meta)}))
-
-
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> UNetGenerator:
-    """Rebuild a generator from an export, in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no generator export at {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = json.loads((f.metadata() or {})["pix2pix_dist.generator"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a pix2pix_dist generator export: {exc}") from None
-    generator = UNetGenerator(**meta)
-    generator.load_state_dict(tensors)
-    return generator.to(device).eval()

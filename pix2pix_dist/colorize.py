@@ -2,108 +2,201 @@
 
     python -m pix2pix_dist.colorize --generator runs/demo/generator.safetensors photos/ --output out/
 
-The generator sees the L channel resized to `--size` (a multiple of 2**num_downs); its ab
-prediction is resized back and combined with the full-resolution L, so outputs keep the input's
-size and sharpness. Unreadable inputs are skipped and counted.
+Each photo is seen the way training saw images (shorter side scaled to the training crop size,
+aspect ratio kept, or squashed for `data.resize=square` recipes), in the norm mode the recipe
+records; the predicted colour is resized to the photo's full resolution and combined with its
+own full-resolution lightness (pix2pix_dist/inference.py). The input folder structure is kept
+under --output. Unreadable, oversized, too thin and non-regular files are skipped and counted.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+import tyro
+from PIL import Image
 
 from .atomic import atomic_write
-from .checkpoints import CheckpointError, load_generator
-from .data import lab_to_rgb, rgb_to_lab
+from .cli import CliError, parse
+from .export import ExportError, GeneratorExport, NormMode, load_export
+from .imageio import DEFAULT_MAX_PIXELS, Skip, load_rgb
+from .inference import GeometryError, compose, image_seed, model_input, predict_ab
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+PROGRESS_MIN_FILES = 6
+"""A progress bar for this many files or more; a handful finish before one would help."""
 
 
-def colorize(generator: torch.nn.Module, rgb01: torch.Tensor, size: int) -> torch.Tensor:
-    """(1,3,H,W) RGB in [0,1] (colour or gray) -> (1,3,H,W) colorized RGB in [0,1]."""
-    L, _ = rgb_to_lab(rgb01)
-    small = F.interpolate(L, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)
-    with torch.no_grad():
-        ab = generator(small).float()
-    ab = F.interpolate(ab, size=L.shape[-2:], mode="bilinear", align_corners=False)
-    return lab_to_rgb(L, ab)
+@dataclass
+class ColorizeOptions:
+    inputs: tyro.conf.Positional[list[Path]]
+    """Image files or folders (searched recursively)."""
+    generator: Path
+    """A generator export (generator.safetensors in a run folder or a checkpoint)."""
+    output: Path = Path("colorized")
+    """Output folder; the input folders' structure is kept below it."""
+    format: Literal["png", "jpeg"] = "png"
+    """Output file format."""
+    quality: int = 95
+    """JPEG quality (with --format jpeg)."""
+    norm_mode: Literal["eval", "batch"] | None = None
+    """Override the norm mode recorded in the export (see `train.py --help`, eval.norm_mode)."""
+    batch_size: int | None = None
+    """Images per forward pass in `eval` norm mode (same network input size only); default 8 on
+    a GPU, 1 on CPU."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Skip (and count as too_large) images with more pixels than this, before decoding them."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the generator runs; `auto` picks the GPU when there is one."""
+    progress: bool = True
+    """Progress bar for more than a handful of files."""
 
 
-def _inputs(paths: list[Path]) -> list[Path]:
-    found: list[Path] = []
+def find_inputs(paths: list[Path]) -> list[tuple[Path, Path]]:
+    """(file, path relative to its input argument) for every candidate image, in order."""
+    found: list[tuple[Path, Path]] = []
     for path in paths:
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += [(p, p.relative_to(path)) for p in sorted(path.rglob("*"))
+                      if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
         else:
-            found.append(path)
+            found.append((path, Path(path.name)))
     return found
 
 
-def _safe_name(path: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", path.stem).strip("_") or "image"
+def _safe(part: str) -> str:
+    """A path component from data: letters, digits, `_.-` only, no leading dot (so never `..`)."""
+    return re.sub(r"[^\w.-]+", "_", part).lstrip(".") or "image"
 
 
-def _setup(args: argparse.Namespace) -> torch.nn.Module:
-    """Check the options and load the generator; ValueError/CheckpointError in one line."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} but no CUDA device is available; use --device cpu")
-    if args.output.exists() and not args.output.is_dir():
-        raise ValueError(f"--output {args.output} exists and is not a folder")
-    generator = load_generator(args.generator, args.device)
-    step = 2 ** generator.num_downs
-    if args.size < step or args.size % step:
-        raise ValueError(f"--size {args.size} must be a positive multiple of {step}")
-    args.output.mkdir(parents=True, exist_ok=True)
-    return generator
+def output_name(relative: Path, suffix: str, used: set[str]) -> Path:
+    """A path under the output folder for `relative`, distinct from every name in `used`
+    (compared case-insensitively, for case-insensitive file systems), which it joins."""
+    folders = [_safe(p) for p in relative.parent.parts]
+    stem = _safe(relative.stem)
+    candidate, n = Path(*folders, stem + suffix), 1
+    while str(candidate).lower() in used:
+        n += 1
+        candidate = Path(*folders, f"{stem}-{n}{suffix}")
+    used.add(str(candidate).lower())
+    return candidate
+
+
+def encode(rgb: torch.Tensor, fmt: str, quality: int) -> bytes:
+    """uint8 (3,H,W) -> PNG or JPEG bytes."""
+    buffer = io.BytesIO()
+    image = Image.fromarray(rgb.permute(1, 2, 0).cpu().numpy())
+    if fmt == "jpeg":
+        image.save(buffer, format="JPEG", quality=quality)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Colorizer:
+    """Loads, batches (same network input size), predicts and writes; counts skips."""
+
+    def __init__(self, opts: ColorizeOptions, exported: GeneratorExport, device: torch.device) -> None:
+        self.opts, self.exported, self.device = opts, exported, device
+        self.mode: NormMode = opts.norm_mode or exported.settings.norm_mode
+        self.batch_size = opts.batch_size or (8 if device.type == "cuda" else 1)
+        self.suffix = ".jpg" if opts.format == "jpeg" else ".png"
+        self.root = opts.output.resolve()
+        self.pending: list[tuple[Path, torch.Tensor, torch.Tensor, int, int, int]] = []
+        self.used: set[str] = set()
+        self.written = 0
+        self.skipped: dict[str, int] = {}
+
+    def skip(self, path: Path, reason: str, detail: str, say) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        say(f"skipped {path}: {detail}")
+
+    def add(self, path: Path, relative: Path, say) -> None:
+        try:
+            pixels = load_rgb(path, self.opts.max_pixels)
+            rgb = torch.from_numpy(pixels).permute(2, 0, 1).to(self.device)
+            del pixels
+            L, h, w = model_input(rgb, self.exported.settings, 2 ** self.exported.generator.num_downs)
+        except Skip as exc:
+            return self.skip(path, exc.reason, str(exc), say)
+        except GeometryError as exc:
+            return self.skip(path, "too_thin", str(exc), say)
+        dest = output_name(relative, self.suffix, self.used)
+        if self.pending and self.pending[0][2].shape != L.shape:
+            self.flush()
+        self.pending.append((dest, rgb, L, h, w, image_seed(str(relative))))
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        L = torch.cat([item[2] for item in self.pending])
+        ab = predict_ab(self.exported.generator, L, self.mode, [item[5] for item in self.pending])
+        for (dest, rgb, _, h, w, _), one in zip(self.pending, ab):
+            data = encode(compose(rgb, one[:, :h, :w]), self.opts.format, self.opts.quality)
+            target = self.opts.output / dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.parent.resolve().is_relative_to(self.root):
+                raise CliError(f"{target.parent} leads outside --output {self.opts.output} "
+                               f"(a symbolic link?); refusing to write there")
+            atomic_write(target, data)
+            self.written += 1
+        self.pending.clear()
+
+
+def run(opts: ColorizeOptions) -> int:
+    """Colorize every input; the exit code (0: some written, 1: none)."""
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda but no CUDA device is available; use --device cpu")
+    device = torch.device("cuda" if opts.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if not opts.inputs:
+        raise CliError("give at least one image file or folder to colorize")
+    for path in opts.inputs:
+        if not path.exists():
+            raise CliError(f"input {path} does not exist")
+    if opts.output.exists() and not opts.output.is_dir():
+        raise CliError(f"--output {opts.output} exists and is not a folder")
+    if opts.max_pixels < 1 or (opts.batch_size is not None and opts.batch_size < 1) \
+            or not 1 <= opts.quality <= 100:
+        raise CliError("--max-pixels and --batch-size must be at least 1, --quality in 1..100")
+    exported = load_export(opts.generator, device)
+    files = find_inputs(opts.inputs)
+    if not files:
+        raise CliError(f"no images found in {', '.join(map(str, opts.inputs))}")
+    opts.output.mkdir(parents=True, exist_ok=True)
+    work = Colorizer(opts, exported, device)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(files), unit="img", dynamic_ncols=True,
+               disable=not opts.progress or len(files) < PROGRESS_MIN_FILES)
+    say = (lambda text: tqdm.write(text, file=sys.stderr))
+    for path, relative in files:
+        work.add(path, relative, say)
+        bar.update(1)
+    work.flush()
+    bar.close()
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(work.skipped.items()))
+    print(f"colorized {work.written} image(s) into {opts.output}"
+          + (f"; skipped {sum(work.skipped.values())} ({skipped})" if skipped else ""))
+    return 0 if work.written else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pix2pix-colorize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
-    parser.add_argument("--generator", required=True, type=Path, help="generator.safetensors")
-    parser.add_argument("--output", type=Path, default=Path("colorized"), help="output folder")
-    parser.add_argument("--size", type=int, default=256, help="generator input size (default 256)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        generator = _setup(args)
-    except (CheckpointError, ValueError) as exc:
+        return run(parse(ColorizeOptions, argv, prog="pix2pix-colorize",
+                         description=__doc__.split("\n\n")[0]))
+    except (CliError, ExportError, OSError) as exc:  # OSError: e.g. a full disk; written files stay
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    files = _inputs(args.inputs)
-    if not files:
-        print(f"error: no images found in {', '.join(map(str, args.inputs))}", file=sys.stderr)
-        return 2
-    written, skipped, used = 0, 0, set()
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.float32) / 255
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            skipped += 1
-            print(f"skipped {path}: {exc}", file=sys.stderr)
-            continue
-        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(args.device)
-        out = colorize(generator, x, args.size)[0].permute(1, 2, 0).cpu().numpy()
-        name = _safe_name(path)
-        while name in used:  # two inputs with the same stem in different folders
-            name += "_"
-        used.add(name)
-        png = io.BytesIO()
-        Image.fromarray((out * 255 + 0.5).astype(np.uint8)).save(png, format="PNG")
-        atomic_write(args.output / f"{name}.png", png.getvalue())
-        written += 1
-    print(f"colorized {written} image(s) into {args.output}" + (f", skipped {skipped}" if skipped else ""))
-    return 0 if written else 1
 
 
 if __name__ == "__main__":

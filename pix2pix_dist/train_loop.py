@@ -30,8 +30,11 @@ from .checkpoints import (CheckpointError, latest_loadable, list_checkpoints, lo
 from .config import Config, ConfigError, parse_command
 from .data import DataError, build_loader, lab_to_rgb
 from .data.shards_index import find_shards
+from .evaluate import TrainingEval
+from .export import ExportError, generator_meta
 from .gan_step import GanStep, build_networks
 from .recipe import Recipe, resolve_recipe
+from .inference import inference_copy, predict_ab
 from .tracking import RunTracker, check_tracker, tracker_for
 
 
@@ -87,12 +90,6 @@ def make_accelerator(cfg: Config):
     # torchrun / `accelerate launch` started into one gloo group (otherwise each trains alone).
     return Accelerator(mixed_precision=precision, log_with=tracker_for(cfg),
                        project_dir=cfg.run_dir, cpu=not torch.cuda.is_available())
-
-
-def generator_meta(cfg: Config) -> dict:
-    m = cfg.model
-    return {"in_channels": 1, "out_channels": 2, "num_downs": m.num_downs, "ngf": m.ngf,
-            "norm": m.norm, "dropout": m.dropout}
 
 
 def recipe_for(cfg: Config, world_size: int) -> Recipe:
@@ -250,18 +247,19 @@ def train(cfg: Config) -> TrainResult:
             "step": step, "nonfinite": nonfinite, "model": dataclasses.asdict(cfg.model),
             "global_batch": recipe.global_batch,
         }
-        return save_checkpoint(run_dir, step, state, G_raw, generator_meta(cfg), rank=rank,
+        return save_checkpoint(run_dir, step, state, G_raw, generator_meta(cfg, step), rank=rank,
                                barrier=accelerator.wait_for_everyone, keep=cfg.ckpt.keep)
 
     def log_samples(step: int) -> None:
         if not main_process:
             return
-        G_raw.eval()
-        with torch.no_grad(), accelerator.autocast():
-            fake = G_raw(sample_L.contiguous(memory_format=nets.memory_format)).float()
-        G_raw.train()
+        # In the recipe's inference norm mode, on a copy (docs/design.md, "Evaluation and inference").
+        copy = inference_copy(G_raw, generator_meta(cfg, step)["model"])
+        fake = predict_ab(copy, sample_L, cfg.eval.norm_mode, range(len(sample_L)))
         tracker.log_grid(step, lab_to_rgb(sample_L, torch.zeros_like(sample_ab)),
                          lab_to_rgb(sample_L, fake), lab_to_rgb(sample_L, sample_ab))
+
+    evaluator = TrainingEval(cfg, device) if main_process and cfg.eval.every else None
 
     # --- the loop ---------------------------------------------------------------------------
     data = batch_stream(loader, start_step)
@@ -318,6 +316,8 @@ def train(cfg: Config) -> TrainResult:
                 tick_start, data_wait, tick_steps = time.perf_counter(), 0.0, 0
             if step % cfg.log.sample_every == 0 or step == recipe.steps:
                 log_samples(step)
+            if evaluator is not None and (step % cfg.eval.every == 0 or step == recipe.steps):
+                tracker.log_scalars(step, evaluator(G_raw, step))
             if result.stop:
                 stopped = True
                 break
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{recipe.describe()}\ndry run: nothing was built or trained")
             return 0
         train(cfg)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as exc:
+    except (ConfigError, DataError, CheckpointError, ExportError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C while the checkpoint was being written

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, clean_env, run_python
-from pix2pix_dist.checkpoints import list_checkpoints, load_generator
+from pix2pix_dist.checkpoints import list_checkpoints
+from pix2pix_dist.export import load_generator
 from wandb_records import find_run_file, history_rows
 
 TINY = ["data.load_size=64", "data.crop_size=64", "model.num_downs=6", "model.ngf=16",

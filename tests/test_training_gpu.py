@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import run_python
-from pix2pix_dist.checkpoints import load_generator
+from pix2pix_dist.export import load_generator
 
 pytestmark = pytest.mark.gpu
 

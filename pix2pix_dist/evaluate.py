@@ -1,0 +1,381 @@
+"""Evaluate a generator on a shard split: metrics per image and averaged, against a gray baseline.
+
+    python -m pix2pix_dist.evaluate runs/demo                       # its config's shards, split val
+    accelerate launch -m pix2pix_dist.evaluate runs/coco --full-res  # every process takes a share
+
+Writes <run>/eval/<name>.json (every number, per image too), <name>.md (the tables),
+<name>-gallery.png (gray | prediction | truth) and <name>-best-worst.png (best and worst 4 by
+ab-L1), and prints the tables. Metric definitions and references are in pix2pix_dist/metrics.py;
+the inference rules in pix2pix_dist/inference.py; the design in docs/design.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import tyro
+from PIL import Image, ImageDraw
+
+from .atomic import atomic_write
+from .cli import CliError, parse
+from .config import Config
+from .data import DataError
+from .data.lab import lab_to_rgb, uint8_to_lab
+from .data.sampling import rank_range
+from .data.shards_index import ShardSet, find_shards
+from .data.torch_pipeline import _read, _segments, decode
+from .export import (ExportError, GeneratorExport, InferenceSettings, NormMode, generator_meta,
+                     load_export)
+from .inference import (GeometryError, colorize_one, compose, image_seed, inference_copy,
+                        model_shape, predict_ab, training_view)
+from .metrics import METRICS, image_metrics, mean_metrics
+
+NOT_COMPUTED = "not computed (no local weights)"
+EXTREMES = 4
+"""Best and worst images by ab-L1 shown in the best/worst gallery."""
+
+
+@dataclass
+class EvalOptions:
+    target: tyro.conf.Positional[Path]
+    """A run folder (its generator.safetensors and config.json) or a generator export file."""
+    shards: Path | None = None
+    """Shard folder; default: the run's config.json `data.shards`."""
+    split: str = "val"
+    """Split to evaluate."""
+    output: Path | None = None
+    """Output folder; default: <run folder>/eval."""
+    name: str | None = None
+    """Report name; default: <split>-step<N> (N: the export's training step)."""
+    full_res: bool = False
+    """Also measure at each image's stored resolution (full-resolution L, as colorize writes)."""
+    norm_mode: Literal["eval", "batch"] | None = None
+    """Override the norm mode recorded in the export (see `train.py --help`, eval.norm_mode)."""
+    limit: int | None = None
+    """Evaluate only the first this many images of the split."""
+    batch_size: int = 16
+    """Images per forward pass in `eval` norm mode (`batch` mode runs one image at a time)."""
+    gallery: int = 8
+    """Images in the gallery PNG (the first ones of the split)."""
+
+
+@dataclass
+class ImageResult:
+    index: int
+    """Position in the split (shards in order), which is what makes gathering exact."""
+    key: str
+    model: dict[str, float]
+    gray: dict[str, float]
+    full_model: dict[str, float] | None = None
+    full_gray: dict[str, float] | None = None
+
+
+@dataclass
+class Tiles:
+    """Training-resolution uint8 (3,S,S) images of one sample, for the galleries."""
+    key: str
+    gray: torch.Tensor
+    pred: torch.Tensor
+    truth: torch.Tensor
+
+
+@dataclass
+class Evaluation:
+    results: list[ImageResult]
+    skipped: dict[str, int]
+    tiles: dict[int, Tiles] = field(default_factory=dict)
+
+
+def read_split(shards: ShardSet, start: int, stop: int) -> Iterator[tuple[int, str, torch.Tensor | str]]:
+    """(position, "shard/key", uint8 (3,H,W) RGB or the reason it cannot be decoded) for the
+    samples at positions [start, stop) of the split, decoded like the torch input pipeline."""
+    for index, (shard, key, jpg) in enumerate(_read(_segments(shards, start, stop)), start):
+        name = f"{shard}/{key}"
+        if jpg is None:
+            yield index, name, "no .jpg member"
+            continue
+        try:
+            yield index, name, decode(torch.frombuffer(bytearray(jpg), dtype=torch.uint8))
+        except RuntimeError as exc:
+            yield index, name, str(exc).splitlines()[0]
+
+
+def _hwc(images: torch.Tensor) -> list[np.ndarray]:
+    return [im.permute(1, 2, 0).cpu().numpy() for im in images]
+
+
+def _to_uint8(rgb01: torch.Tensor) -> torch.Tensor:
+    return rgb01.mul(255).round_().to(torch.uint8)
+
+
+def evaluate_samples(generator: torch.nn.Module, settings: InferenceSettings, mode: NormMode,
+                     samples: Iterator[tuple[int, str, torch.Tensor | str]], *,
+                     device: torch.device, batch_size: int = 16, full_res: bool = False,
+                     keep_tiles: int = 0) -> Evaluation:
+    """Metrics of the model and of the gray baseline for each decodable sample.
+
+    Tiles are kept for the first `keep_tiles` samples and the EXTREMES best and worst by ab-L1,
+    so memory stays bounded however many images there are."""
+    out = Evaluation([], {})
+    batch: list[tuple[int, str, torch.Tensor]] = []
+
+    def run_batch() -> None:
+        views = torch.stack([training_view(rgb, settings) for _, _, rgb in batch]).to(device)
+        L, _ = uint8_to_lab(views)
+        ab = predict_ab(generator, L, mode, [image_seed(key) for _, key, _ in batch])
+        preds = _to_uint8(lab_to_rgb(L, ab)).cpu()
+        grays = _to_uint8(lab_to_rgb(L, torch.zeros_like(ab))).cpu()
+        views = views.cpu()
+        for (index, key, rgb), pred, gray, truth in zip(batch, preds, grays, views):
+            p, g, t = _hwc(torch.stack([pred, gray, truth]))
+            result = ImageResult(index, key, image_metrics(p, t), image_metrics(g, t))
+            if full_res:
+                full = rgb.to(device)
+                t_full = full.permute(1, 2, 0).cpu().numpy()
+                pred_full = colorize_one(generator, full, settings, mode, image_seed(key))
+                gray_full = compose(full, torch.zeros(2, 1, 1, device=device))
+                result.full_model = image_metrics(_hwc(pred_full[None])[0], t_full)
+                result.full_gray = image_metrics(_hwc(gray_full[None])[0], t_full)
+            out.results.append(result)
+            out.tiles[index] = Tiles(key, gray, pred, truth)
+        _prune_tiles(out, keep_tiles)
+        batch.clear()
+
+    for index, key, rgb in samples:
+        if isinstance(rgb, str):
+            out.skipped["undecodable"] = out.skipped.get("undecodable", 0) + 1
+            print(f"warning: skipped {key}: {rgb}", file=sys.stderr)
+            continue
+        if full_res:
+            try:
+                model_shape(rgb.shape[-2], rgb.shape[-1], settings, 2 ** generator.num_downs)
+            except GeometryError as exc:
+                out.skipped["too_thin"] = out.skipped.get("too_thin", 0) + 1
+                print(f"warning: skipped {key}: {exc}", file=sys.stderr)
+                continue
+        batch.append((index, key, rgb))
+        if len(batch) >= batch_size:
+            run_batch()
+    if batch:
+        run_batch()
+    return out
+
+
+def _prune_tiles(out: Evaluation, first: int) -> None:
+    by_l1 = sorted((r for r in out.results if r.index in out.tiles), key=lambda r: r.model["ab_l1"])
+    keep = set(sorted(out.tiles)[:first])
+    keep |= {r.index for r in by_l1[:EXTREMES] + by_l1[-EXTREMES:]}
+    for index in set(out.tiles) - keep:
+        del out.tiles[index]
+
+
+def gather(part: Evaluation, expected: int) -> Evaluation:
+    """All ranks' results on every rank, ordered by position; each position exactly once.
+
+    Ranks read disjoint position ranges (sampling.rank_range), so nothing is padded; a position
+    seen twice or a count that does not add up is a bug and raises."""
+    parts = [part]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+        torch.distributed.all_gather_object(parts, part)
+    results = sorted((r for p in parts for r in p.results), key=lambda r: r.index)
+    skipped: dict[str, int] = {}
+    for p in parts:
+        for reason, n in p.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    unique = {r.index for r in results}
+    if len(unique) != len(results) or len(results) + sum(skipped.values()) != expected:
+        raise RuntimeError(f"gathered {len(results)} results ({len(unique)} distinct) and "
+                           f"{sum(skipped.values())} skips for {expected} samples")
+    merged = Evaluation(results, skipped)
+    for p in parts:
+        merged.tiles.update(p.tiles)
+    return merged
+
+
+# --- reports -------------------------------------------------------------------------------
+
+HEADERS = {"psnr": "PSNR dB", "ssim": "SSIM", "ab_l1": "ab-L1", "cf_pred": "CF pred",
+           "cf_truth": "CF truth", "dcf": "dCF"}
+
+
+def summary(results: list[ImageResult]) -> dict[str, dict[str, dict[str, float]]]:
+    """{"train_res": {"model": means, "gray": means}, "full_res": ... (when measured)}."""
+    out = {"train_res": {"model": mean_metrics([r.model for r in results]),
+                         "gray": mean_metrics([r.gray for r in results])}}
+    if results and results[0].full_model is not None:
+        out["full_res"] = {"model": mean_metrics([r.full_model for r in results]),  # type: ignore[misc]
+                           "gray": mean_metrics([r.full_gray for r in results])}  # type: ignore[misc]
+    return out
+
+
+def table(means: dict[str, dict[str, float]], title: str) -> str:
+    """A Markdown table: the model row and the gray-baseline row."""
+    lines = [f"**{title}**", "", "| | " + " | ".join(HEADERS[k] for k in METRICS) + " |",
+             "|---|" + "---:|" * len(METRICS)]
+    for row, label in (("model", "model"), ("gray", "gray baseline (ab = 0)")):
+        lines.append(f"| {label} | " + " | ".join(f"{means[row][k]:.3f}" for k in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    parts = [f"# Evaluation: {report['name']}", "",
+             f"Generator `{report['generator']}` (step {s['step']}), shards `{report['shards']}` "
+             f"split `{report['split']}`: {report['images']} images, skipped "
+             f"{report['skipped'] or 'none'}; norm mode `{s['norm_mode']}`, resize "
+             f"`{s['resize']}`, crop {s['crop_size']}; {report['processes']} process(es).", "",
+             table(report["metrics"]["train_res"], f"At training resolution ({s['crop_size']}x"
+                                                   f"{s['crop_size']})")]
+    if "full_res" in report["metrics"]:
+        parts += ["", table(report["metrics"]["full_res"], "At stored resolution (full-resolution L)")]
+    parts += ["", f"LPIPS: {report['lpips']}. FID: {report['fid']}.", "",
+              "Higher PSNR/SSIM and lower ab-L1 are better; dCF = CF(truth) - CF(pred) > 0 "
+              "means duller than the truth. Definitions: pix2pix_dist/metrics.py."]
+    return "\n".join(parts) + "\n"
+
+
+def gallery_png(tiles: list[Tiles]) -> bytes:
+    """One row per image: gray | prediction | truth, column titles on top, key under each row."""
+    size = tiles[0].truth.shape[-1]
+    pad, head, foot = 4, 16, 14
+    width = 3 * size + 4 * pad
+    canvas = Image.new("RGB", (width, head + len(tiles) * (size + foot + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for col, label in enumerate(("gray", "prediction", "truth")):
+        draw.text((pad + col * (size + pad), 2), label, fill="black")
+    for row, t in enumerate(tiles):
+        top = head + row * (size + foot + pad)
+        for col, img in enumerate((t.gray, t.pred, t.truth)):
+            canvas.paste(Image.fromarray(img.permute(1, 2, 0).numpy()), (pad + col * (size + pad), top))
+        draw.text((pad, top + size + 1), t.key[:width // 6], fill="black")
+    png = io.BytesIO()
+    canvas.save(png, format="PNG")
+    return png.getvalue()
+
+
+# --- the command ---------------------------------------------------------------------------
+
+def _run_folder(target: Path) -> Path | None:
+    """The run folder of a run folder or of an export inside one (root or a checkpoint)."""
+    for folder in (target, target.parent, target.parent.parent.parent):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+def _resolve(opts: EvalOptions) -> tuple[Path, Path, Path]:
+    """(export file, shards folder, output folder) from the options; CliError when unclear."""
+    target = opts.target
+    export = target / "generator.safetensors" if target.is_dir() else target
+    run = _run_folder(target)
+    shards = opts.shards
+    if shards is None:
+        if run is None:
+            raise CliError(f"no config.json found for {target}; give --shards")
+        try:
+            shards = Path(json.loads((run / "config.json").read_text())["data"]["shards"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CliError(f"cannot read data.shards from {run / 'config.json'} ({exc}); "
+                           f"give --shards") from None
+    output = opts.output or (run or export.parent) / "eval"
+    if opts.limit is not None and opts.limit < 1 or opts.batch_size < 1 or opts.gallery < 0:
+        raise CliError("--limit and --batch-size must be at least 1, --gallery at least 0")
+    return export, shards, output
+
+
+def run(opts: EvalOptions) -> dict[str, Any]:
+    """Evaluate on every process of the current launch; rank 0 writes and returns the report."""
+    from accelerate import PartialState
+
+    export_path, shards_path, output = _resolve(opts)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    exported: GeneratorExport = load_export(export_path, state.device)
+    settings = exported.settings
+    mode: NormMode = opts.norm_mode or settings.norm_mode
+    shards = find_shards(shards_path, opts.split)
+    total = min(shards.total, opts.limit or shards.total)
+    start, stop = rank_range(total, state.num_processes, state.process_index)
+    part = evaluate_samples(exported.generator, settings, mode, read_split(shards, start, stop),
+                            device=state.device, batch_size=opts.batch_size,
+                            full_res=opts.full_res, keep_tiles=opts.gallery)
+    merged = gather(part, total)
+    if not merged.results:
+        raise DataError(f"no decodable images in the {opts.split} split of {shards_path}")
+    name = opts.name or f"{opts.split}-step{settings.step:08d}"
+    report = {
+        "name": name, "generator": str(export_path), "shards": str(shards_path),
+        "split": opts.split, "images": len(merged.results), "skipped": merged.skipped,
+        "processes": state.num_processes,
+        "settings": {**dataclasses.asdict(settings), "norm_mode": mode},
+        "metrics": summary(merged.results), "lpips": NOT_COMPUTED, "fid": NOT_COMPUTED,
+        "per_image": [dataclasses.asdict(r) for r in merged.results],
+    }
+    if state.is_main_process:
+        _write(report, merged, output, name, opts.gallery)
+    return report
+
+
+def _write(report: dict[str, Any], merged: Evaluation, output: Path, name: str, gallery: int) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write(output / f"{name}.json", json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
+    atomic_write(output / f"{name}.md", text)
+    first = [merged.tiles[r.index] for r in merged.results[:gallery]]
+    if first:
+        atomic_write(output / f"{name}-gallery.png", gallery_png(first))
+    ranked = sorted(merged.results, key=lambda r: r.model["ab_l1"])
+    extremes = ranked[:EXTREMES] + [r for r in ranked[-EXTREMES:] if r not in ranked[:EXTREMES]]
+    atomic_write(output / f"{name}-best-worst.png",
+                 gallery_png([merged.tiles[r.index] for r in extremes]))
+    print(text + f"\nwritten: {output / name}.json, .md, -gallery.png, -best-worst.png", flush=True)
+
+
+class TrainingEval:
+    """The training loop's periodic evaluation on the first `eval.count` validation images,
+    held decoded in memory (main process only)."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        shards = find_shards(cfg.data.shards, "val")
+        count = min(cfg.eval.count, shards.total)
+        self.samples = [s for s in read_split(shards, 0, count) if not isinstance(s[2], str)]
+        self.cfg, self.device = cfg, device
+        self.model_args = generator_meta(cfg, 0)["model"]
+
+    def __call__(self, generator: torch.nn.Module, step: int) -> dict[str, float]:
+        """eval/* scalars of `generator` (the training model is not modified)."""
+        settings = InferenceSettings(**generator_meta(self.cfg, step)["inference"])
+        copy = inference_copy(generator, self.model_args)
+        result = evaluate_samples(copy, settings, settings.norm_mode, iter(self.samples),
+                                  device=self.device, batch_size=16)
+        means = summary(result.results)["train_res"]
+        scalars = {f"eval/{k}": v for k, v in means["model"].items()}
+        scalars.update({f"eval/gray_{k}": means["gray"][k] for k in ("psnr", "ssim", "ab_l1")})
+        return scalars
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts = parse(EvalOptions, argv, prog="pix2pix-eval", description=__doc__.split("\n\n")[0])
+        run(opts)
+    except (CliError, ExportError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

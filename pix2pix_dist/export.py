@@ -1,0 +1,194 @@
+"""Generator exports: the small safetensors file that inference (colorize, evaluate) loads.
+
+An export holds the generator's weights and buffers and two JSON metadata entries:
+- `pix2pix_dist.generator`: the UNetGenerator constructor arguments;
+- `pix2pix_dist.inference`: how the recipe expects inference to run (`InferenceSettings`:
+  BatchNorm/dropout mode, resize rule, crop size) and the training step it was taken at.
+Exports written before the second entry existed load with its defaults.
+
+Loading validates everything before building anything large (see docs/design.md, "Evaluation
+and inference"): metadata types and ranges, tensor names and shapes against the architecture,
+and finite values. Every problem is one ExportError line naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import nn
+
+from .atomic import atomic_write
+from .config import Config
+from .models import UNetGenerator
+
+MODEL_KEY = "pix2pix_dist.generator"
+INFERENCE_KEY = "pix2pix_dist.inference"
+
+NormMode = Literal["batch", "eval"]
+ResizeMode = Literal["shorter_side", "square"]
+NORMS = ("batch", "instance", "syncbatch")
+# Bounds on crafted metadata: a generator this large would not fit any GPU anyway, and an
+# unchecked ngf or num_downs would make the constructor allocate without limit.
+MAX_NUM_DOWNS, MAX_NGF, MAX_CROP = 10, 256, 4096
+
+
+class ExportError(ValueError):
+    """A generator export that cannot be used, reported as one line."""
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    norm_mode: NormMode = "eval"
+    """`eval`: running BatchNorm statistics, no dropout; `batch`: each image's own statistics
+    with dropout on (pix2pix's test mode). See config.EvalConfig.norm_mode."""
+    resize: ResizeMode = "shorter_side"
+    """The training geometry (config.DataConfig.resize) that inference reproduces."""
+    crop_size: int = 256
+    """The training crop: inference scales the shorter side (or both sides) to this."""
+    step: int = 0
+    """Training step at which the export was written (0 when unknown)."""
+
+
+@dataclass
+class GeneratorExport:
+    generator: UNetGenerator
+    """On the requested device, in eval mode (inference.norm_mode switches it as needed)."""
+    settings: InferenceSettings
+    model_args: dict[str, Any]
+    path: Path
+
+
+def generator_meta(cfg: Config, step: int) -> dict[str, dict[str, Any]]:
+    """What export_generator records for a run of `cfg` at `step`."""
+    m = cfg.model
+    model = {"in_channels": 1, "out_channels": 2, "num_downs": m.num_downs, "ngf": m.ngf,
+             "norm": m.norm, "dropout": m.dropout}
+    settings = InferenceSettings(norm_mode=cfg.eval.norm_mode, resize=cfg.data.resize,
+                                 crop_size=cfg.data.crop_size, step=step)
+    return {"model": model, "inference": dataclasses.asdict(settings)}
+
+
+def export_generator(generator: nn.Module, path: Path, meta: dict[str, dict[str, Any]]) -> None:
+    """Write weights, buffers and `meta` (from generator_meta) atomically; refuse non-finite
+    weights, which would colorize every image into garbage."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    bad = _first_nonfinite(tensors)
+    if bad:
+        raise ExportError(f"refusing to export a generator with non-finite values in {bad} to {path}")
+    metadata = {MODEL_KEY: json.dumps(meta["model"]), INFERENCE_KEY: json.dumps(meta["inference"])}
+    atomic_write(Path(path), save(tensors, metadata=metadata))
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> GeneratorExport:
+    """Read and validate an export; ExportError (one line) when it cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"no generator export at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for malformed files
+        raise ExportError(f"{path} is not a safetensors file: {_line(exc)}") from None
+    if MODEL_KEY not in metadata:
+        raise ExportError(f"{path} is not a pix2pix_dist generator export (no {MODEL_KEY} metadata)")
+    args = _model_args(_json(path, metadata[MODEL_KEY]), path)
+    raw = _json(path, metadata[INFERENCE_KEY]) if INFERENCE_KEY in metadata else {
+        "crop_size": 2 ** args["num_downs"]}
+    settings = _settings(raw, args["num_downs"], path)
+
+    with torch.device("meta"):  # the architecture's names and shapes, without allocating
+        generator = UNetGenerator(**args)
+    expected = generator.state_dict()
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise ExportError(f"{path} does not match its own model metadata (missing "
+                          f"{missing[:3]}, unexpected {extra[:3]})")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+            raise ExportError(f"{path}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, the "
+                              f"model needs {expected[name].dtype} {tuple(expected[name].shape)}")
+    bad = _first_nonfinite(tensors)
+    if bad:
+        raise ExportError(f"{path} has non-finite values in {bad} (the run diverged); use the "
+                          f"generator.safetensors of an earlier checkpoint")
+    generator.load_state_dict(tensors, assign=True)  # the loaded tensors become the weights
+    return GeneratorExport(generator.to(device).eval(), settings, args, path)
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> UNetGenerator:
+    """The validated generator of an export, in eval mode."""
+    return load_export(path, device).generator
+
+
+def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _json(path: Path, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ExportError(f"{path} has unreadable metadata: {_line(exc)}") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{path} has malformed metadata (expected a JSON object)")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _model_args(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    keys = {"in_channels", "out_channels", "num_downs", "ngf", "norm", "dropout"}
+    if set(raw) != keys:
+        raise ExportError(f"{path}: model metadata must have exactly the keys {sorted(keys)}, "
+                          f"got {sorted(map(str, raw))}")
+    checks = {
+        "in_channels": raw["in_channels"] == 1 and _is_int(raw["in_channels"]),
+        "out_channels": raw["out_channels"] == 2 and _is_int(raw["out_channels"]),
+        "num_downs": _is_int(raw["num_downs"]) and 5 <= raw["num_downs"] <= MAX_NUM_DOWNS,
+        "ngf": _is_int(raw["ngf"]) and 1 <= raw["ngf"] <= MAX_NGF,
+        "norm": raw["norm"] in NORMS,
+        "dropout": isinstance(raw["dropout"], bool),
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ExportError(f"{path}: invalid model metadata {key}={raw[key]!r}")
+    return dict(raw)
+
+
+def _settings(raw: dict[str, Any], num_downs: int, path: Path) -> InferenceSettings:
+    known = {f.name for f in dataclasses.fields(InferenceSettings)}
+    if not set(raw) <= known:
+        raise ExportError(f"{path}: unknown inference metadata {sorted(set(map(str, raw)) - known)}")
+    settings = InferenceSettings(**raw)
+    step = 2 ** num_downs
+    checks = {
+        "norm_mode": settings.norm_mode in get_args(NormMode),
+        "resize": settings.resize in get_args(ResizeMode),
+        "crop_size": (_is_int(settings.crop_size) and step <= settings.crop_size <= MAX_CROP
+                      and settings.crop_size % step == 0),
+        "step": _is_int(settings.step) and settings.step >= 0,
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ExportError(f"{path}: invalid inference metadata {key}="
+                              f"{getattr(settings, key)!r}")
+    return settings
+
