@@ -117,6 +117,12 @@ def _to_uint8(rgb01: torch.Tensor) -> torch.Tensor:
     return rgb01.mul(255).round_().to(torch.uint8)
 
 
+def _neutral(rgb: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) rendered with ab = 0 -> exactly R = G = B (the Lab round trip's float error
+    would otherwise give the gray baseline a colourfulness of ~0.1 instead of 0)."""
+    return rgb[:, 1:2].expand_as(rgb)
+
+
 def evaluate_samples(generator: torch.nn.Module, settings: InferenceSettings, mode: NormMode,
                      samples: Iterator[tuple[int, str, torch.Tensor | str]], *,
                      device: torch.device, batch_size: int = 16, full_res: bool = False,
@@ -133,7 +139,7 @@ def evaluate_samples(generator: torch.nn.Module, settings: InferenceSettings, mo
         L, _ = uint8_to_lab(views)
         ab = predict_ab(generator, L, mode, [image_seed(key) for _, key, _ in batch])
         preds = _to_uint8(lab_to_rgb(L, ab)).cpu()
-        grays = _to_uint8(lab_to_rgb(L, torch.zeros_like(ab))).cpu()
+        grays = _neutral(_to_uint8(lab_to_rgb(L, torch.zeros_like(ab))).cpu())
         views = views.cpu()
         for (index, key, rgb), pred, gray, truth in zip(batch, preds, grays, views):
             p, g, t = _hwc(torch.stack([pred, gray, truth]))
@@ -142,7 +148,7 @@ def evaluate_samples(generator: torch.nn.Module, settings: InferenceSettings, mo
                 full = rgb.to(device)
                 t_full = full.permute(1, 2, 0).cpu().numpy()
                 pred_full = colorize_one(generator, full, settings, mode, image_seed(key))
-                gray_full = compose(full, torch.zeros(2, 1, 1, device=device))
+                gray_full = _neutral(compose(full, torch.zeros(2, 1, 1, device=device))[None])[0]
                 result.full_model = image_metrics(_hwc(pred_full[None])[0], t_full)
                 result.full_gray = image_metrics(_hwc(gray_full[None])[0], t_full)
             out.results.append(result)
