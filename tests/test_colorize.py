@@ -1,0 +1,135 @@
+"""colorize: training geometry, full-resolution L, norm mode, output layout, hostile inputs."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+from skimage.color import rgb2lab
+
+from conftest import run_python
+from pix2pix_dist.colorize import main as colorize_main
+from pix2pix_dist.colorize import output_name
+from pix2pix_dist import inference
+from pix2pix_dist.export import InferenceSettings
+from pix2pix_dist.inference import GeometryError, compose, model_shape
+from test_evaluate import tiny_export
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    return tiny_export(tmp_path_factory.mktemp("run") / "run")
+
+
+def _photo(path: Path, height: int, width: int) -> np.ndarray:
+    rgb = np.asarray(Image.fromarray(skdata.astronaut()).resize((width, height)))
+    Image.fromarray(rgb).save(path)
+    return rgb
+
+
+def test_geometry_keeps_the_aspect_ratio_and_pads_to_the_network_multiple():
+    settings = InferenceSettings(crop_size=64)
+    # 333x517: shorter side to 64, long side 517 * 64/333 = 99.4 -> 99, padded to 128
+    assert model_shape(333, 517, settings, 64) == (64, 99, 64, 128)
+    assert model_shape(517, 333, settings, 32) == (99, 64, 128, 64)
+    assert model_shape(333, 517, InferenceSettings(crop_size=64, resize="square"), 64) == (64, 64, 64, 64)
+    for height, width in ((1, 2000), (2000, 1), (100, 900), (15, 15)):
+        with pytest.raises(GeometryError, match="at least 16 px and an aspect ratio of at most 8:1"):
+            model_shape(height, width, settings, 64)
+
+
+def test_output_has_the_input_size_and_keeps_its_full_resolution_lightness(export, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = _photo(src / "odd.png", 333, 517)
+    assert colorize_main([str(src), "--generator", str(export), "--output", str(tmp_path / "out")]) == 0
+    out = np.asarray(Image.open(tmp_path / "out" / "odd.png"))
+    assert out.shape == (333, 517, 3)
+    diff = np.abs(rgb2lab(out)[..., 0] - rgb2lab(rgb)[..., 0])
+    # Up to uint8 rounding (about 0.2 L units) and gamut clipping of saturated predictions.
+    assert np.median(diff) < 0.3 and np.percentile(diff, 99) < 3.0, (np.median(diff), diff.max())
+    assert np.abs(out.astype(int) - rgb).mean() > 1  # and the colour did change
+
+
+def test_compose_in_row_chunks_equals_one_piece(monkeypatch):
+    rgb = torch.from_numpy(skdata.chelsea()).permute(2, 0, 1).contiguous()
+    ab = torch.rand(2, 17, 23) * 0.6 - 0.3
+    whole = compose(rgb, ab)
+    monkeypatch.setattr(inference, "CHUNK_PIXELS", 20_000)  # 44 rows at a time
+    assert torch.equal(compose(rgb, ab), whole)
+
+
+def test_recorded_norm_mode_is_used_and_the_modes_differ(tmp_path, capsys):
+    export = tiny_export(tmp_path / "run", **{"eval.norm_mode": "batch"})
+    _photo(tmp_path / "p.png", 80, 120)
+    outputs = {}
+    for mode in (None, "batch", "eval"):
+        args = [str(tmp_path / "p.png"), "--generator", str(export), "--output", str(tmp_path / str(mode))]
+        assert colorize_main(args + (["--norm-mode", mode] if mode else [])) == 0
+        outputs[mode] = np.asarray(Image.open(tmp_path / str(mode) / "p.png"))
+    assert np.array_equal(outputs[None], outputs["batch"])
+    assert not np.array_equal(outputs["batch"], outputs["eval"])
+
+
+def test_folder_structure_is_kept_and_no_output_overwrites_another(export, tmp_path, capsys):
+    src = tmp_path / "in"
+    (src / "trip" / "day 1").mkdir(parents=True)
+    (src / "other").mkdir()
+    for rel in ("a.jpg", "a.png", "trip/day 1/a.jpg", "other/a.jpg"):
+        _photo(src / rel, 40, 60)
+    out = tmp_path / "out"
+    assert colorize_main([str(src), str(src / "a.jpg"), "--generator", str(export), "--output",
+                          str(out), "--format", "jpeg", "--no-progress"]) == 0
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["a-2.jpg", "a-3.jpg", "a.jpg", "other/a.jpg", "trip/day_1/a.jpg"]
+    assert all((out / w).read_bytes()[:3] == b"\xff\xd8\xff" for w in written)  # JPEG
+    assert "colorized 5 image(s)" in capsys.readouterr().out
+
+
+def test_names_from_data_cannot_leave_the_output_folder():
+    used: set[str] = set()
+    for rel in ("../../etc/passwd.png", "..", ".hidden/.x.png", "a/../../b.png"):
+        name = output_name(Path(rel), ".png", used)
+        assert not name.is_absolute() and ".." not in name.parts, name
+        assert not any(part.startswith(".") for part in name.parts), name
+    assert output_name(Path("A.png"), ".png", {"a.png"}) == Path("A-2.png")  # case-insensitive
+
+
+def _bomb_png(path: Path, width: int, height: int) -> None:
+    """A valid 1x1 PNG whose header claims width x height (PIL checks the size when opening)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00\x00")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_hostile_inputs_are_skipped_and_counted_without_blocking(export, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    _photo(src / "good.jpg", 64, 96)
+    _photo(src / "big.png", 300, 300)  # over --max-pixels below
+    os.mkfifo(src / "pipe.jpg")  # opening it for reading would block forever
+    _bomb_png(src / "bomb.png", 30000, 30000)  # PIL's decompression-bomb error, 900 MP
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.fromarray(np.zeros((2, 400, 3), np.uint8)).save(src / "strip.png")
+    gradient = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
+    Image.fromarray(gradient).save(src / "deep.png")  # 16-bit grayscale (mode I;16)
+    assert Image.open(src / "deep.png").mode.startswith("I")
+    out = tmp_path / "out"
+    proc = run_python(["-m", "pix2pix_dist.colorize", str(src), "--generator", str(export),
+                       "--output", str(out), "--max-pixels", "50000"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "colorized 2 image(s)" in proc.stdout
+    assert "skipped 5 (1 not_regular, 2 too_large, 1 too_thin, 1 unreadable)" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    deep = np.asarray(Image.open(out / "deep.png").convert("L"), dtype=float)
+    expected = gradient / 257.0
+    assert abs(deep.mean() - expected.mean()) < 3, (deep.mean(), expected.mean())  # not near white
