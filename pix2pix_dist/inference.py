@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import zlib
 from collections.abc import Iterator, Sequence
 
@@ -27,6 +28,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
 from .data.lab import lab_to_rgb, uint8_to_lab
+from .data.torch_pipeline import Augment
 from .export import InferenceSettings, NormMode
 from .models import UNetGenerator
 
@@ -84,11 +86,11 @@ def predict_ab(generator: nn.Module, L: Tensor, mode: NormMode, seeds: Sequence[
 
 def training_view(rgb: Tensor, settings: InferenceSettings) -> Tensor:
     """What validation batches show the network: uint8 (3,H,W) -> uint8 (3,S,S), S = crop size
-    (the torch backend's resize + centre crop, or the square squash)."""
+    (the torch input pipeline's own validation transform)."""
     size = settings.crop_size
-    if settings.resize == "square":
-        return TF.resize(rgb, [size, size], antialias=True)
-    return TF.center_crop(TF.resize(rgb, [size], antialias=True), [size, size])
+    view = Augment(crop_size=size, load_size=size, train=False, flip=False,
+                   random_resized_crop=False, rrc_min_scale=1.0, resize=settings.resize)
+    return view(rgb, random.Random(0))  # validation draws nothing from the generator
 
 
 def model_shape(height: int, width: int, settings: InferenceSettings, multiple: int
@@ -101,15 +103,18 @@ def model_shape(height: int, width: int, settings: InferenceSettings, multiple: 
     size = settings.crop_size
     if settings.resize == "square":
         return size, size, size, size
-    scale = size / short
-    h, w = max(size, round(height * scale)), max(size, round(width * scale))
+    # torchvision's rule for resize(img, [size]): the long side is truncated, not rounded.
+    h, w = (size, int(size * width / height)) if height <= width else (int(size * height / width), size)
     return h, w, math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple
 
 
 def model_input(rgb: Tensor, settings: InferenceSettings, multiple: int) -> tuple[Tensor, int, int]:
     """uint8 (3,H,W) -> (normalised L (1,1,ph,pw) reflect-padded, h, w before padding)."""
     h, w, ph, pw = model_shape(rgb.shape[-2], rgb.shape[-1], settings, multiple)
-    L, _ = uint8_to_lab(TF.resize(rgb, [h, w], antialias=True)[None])
+    # The same resize as validation (training_view), without its centre crop.
+    small = training_view(rgb, settings) if settings.resize == "square" else TF.resize(
+        rgb, [settings.crop_size], antialias=True)
+    L, _ = uint8_to_lab(small[None])
     # The padding is shorter than the image side (it is < multiple <= crop size <= h, w).
     return F.pad(L, (0, pw - w, 0, ph - h), mode="reflect"), h, w
 

@@ -28,11 +28,10 @@ from pix2pix_dist.inference import training_view
 from pix2pix_dist.metrics import ab_l1, colourfulness, image_metrics, psnr, ssim
 from pix2pix_dist.models import UNetGenerator, init_weights
 
-TINY = [("model.num_downs", "6"), ("model.ngf", "8"), ("data.crop_size", "64"),
-        ("data.load_size", "72")]
+TINY = [("model.num_downs", 6), ("model.ngf", 8), ("data.crop_size", 64), ("data.load_size", 72)]
 
 
-def tiny_export(path: Path, shards: Path | str = "unused", **overrides: str) -> Path:
+def tiny_export(path: Path, shards: Path | str = "unused", **overrides: object) -> Path:
     """A freshly initialised unet_64 export with a config.json beside it (a run folder)."""
     cfg = build_config(None, overrides=[*TINY, ("data.shards", str(shards)), *overrides.items()])
     torch.manual_seed(0)
