@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -119,9 +120,10 @@ class Colorizer:
 
     def add(self, path: Path, relative: Path, say) -> None:
         try:
-            pixels = load_rgb(path, self.opts.max_pixels)
-            rgb = torch.from_numpy(pixels).permute(2, 0, 1).to(self.device)
-            del pixels
+            with warnings.catch_warnings():  # read-only pixels: nothing here writes to them
+                warnings.simplefilter("ignore", UserWarning)
+                rgb = torch.from_numpy(load_rgb(path, self.opts.max_pixels))
+            rgb = rgb.permute(2, 0, 1).to(self.device)
             L, h, w = model_input(rgb, self.exported.settings, 2 ** self.exported.generator.num_downs)
         except Skip as exc:
             return self.skip(path, exc.reason, str(exc), say)

@@ -31,7 +31,8 @@ class Skip(Exception):
 
 
 def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file, EXIF-oriented; raises Skip."""
+    """(H, W, 3) uint8 RGB of an image file, EXIF-oriented, possibly read-only (copies of a
+    large photo are what this module avoids); raises Skip."""
     # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -49,7 +50,8 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
                     if width * height > max_pixels:
                         raise Skip("too_large", f"{width}x{height} pixels is over --max-pixels "
                                                 f"{max_pixels}")
-                    return to_rgb(ImageOps.exif_transpose(im))
+                    ImageOps.exif_transpose(im, in_place=True)  # no copy when upright
+                    return to_rgb(im)
         except Image.DecompressionBombError as exc:
             raise Skip("too_large", str(exc).splitlines()[0]) from None
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
@@ -62,5 +64,5 @@ def to_rgb(im: Image.Image) -> np.ndarray:
         # 0..65535 -> 0..255 with rounding; "I" images from 16-bit files hold the same range.
         wide = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
         gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)  # a new, writable array
-    return np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy wants one
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))

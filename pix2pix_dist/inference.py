@@ -37,8 +37,9 @@ MIN_SIDE = 16
 MAX_ASPECT = 8
 """... and at most this ratio of long to short side (a 1x2000 strip has nothing to colorize,
 and scaling its short side to 256 would ask for a 512000-pixel-wide network input)."""
-CHUNK_PIXELS = 1 << 20
-"""Full-resolution pixels converted at a time: a 24 MP photo never exists as float32 RGB/Lab."""
+CHUNK_PIXELS = 1 << 17
+"""Full-resolution pixels converted at a time: a 24 MP photo never exists as float32 RGB/Lab.
+Kornia's Lab conversions make ~20 float32 temporaries per pixel, so this keeps them near 50 MB."""
 
 
 class GeometryError(ValueError):
