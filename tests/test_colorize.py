@@ -176,3 +176,19 @@ def test_gpu_batches_match_cpu_one_by_one(export, tmp_path):
         cpu, gpu = (np.asarray(Image.open(tmp_path / d / f"p{i}.png"), dtype=int) for d in ("cpu", "cuda"))
         # TF32 convolutions and cuDNN differ from CPU by a few uint8 levels at most
         assert np.abs(cpu - gpu).max() <= 3 and np.abs(cpu - gpu).mean() < 0.5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-pixels", "0"], "--max-pixels and --batch-size must be at least 1"),
+    (["--format", "gif"], "gif"),
+    (["--device", "cuda"], "no CUDA device is available"),
+    (["--generator", "/nonexistent.safetensors"], "no generator export at /nonexistent.safetensors"),
+])
+def test_bad_options_are_one_line_errors(export, tmp_path, capsys, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _photo(tmp_path / "p.png", 40, 40)
+    assert colorize_main([str(tmp_path / "p.png"), "--generator", str(export), *args,
+                          "--output", str(tmp_path / "out")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and message in line
