@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -294,6 +295,8 @@ def _resolve(opts: EvalOptions) -> tuple[Path, Path, Path]:
             raise CliError(f"cannot read data.shards from {run / 'config.json'} ({exc}); "
                            f"give --shards") from None
     output = opts.output or (run or export.parent) / "eval"
+    if opts.name is not None and not re.fullmatch(r"[\w-][\w.-]*", opts.name):
+        raise CliError(f"--name {opts.name!r}: use letters, digits, '_', '-' and '.' (it names files)")
     if opts.limit is not None and opts.limit < 1 or opts.batch_size < 1 or opts.gallery < 0:
         raise CliError("--limit and --batch-size must be at least 1, --gallery at least 0")
     return export, shards, output

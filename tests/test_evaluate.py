@@ -252,7 +252,8 @@ def test_exports_without_inference_metadata_load_with_defaults(tmp_path):
 def test_run_without_shards_is_a_one_line_error(tmp_path, capsys):
     export = tiny_export(tmp_path / "run", tmp_path / "missing")
     shutil.copy(export, tmp_path / "loose.safetensors")
-    for args in ([str(tmp_path / "run")], [str(tmp_path / "loose.safetensors")]):
+    for args in ([str(tmp_path / "run")], [str(tmp_path / "loose.safetensors")],
+                 [str(tmp_path / "run"), "--name", "../../escape"]):
         assert evaluate_main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: "), err
