@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -171,11 +170,8 @@ def test_two_gloo_processes_give_the_same_averages_as_one(sample_shards, tmp_pat
               "--batch-size", "2"]
     one = run_python([*common, "--name", "one"])
     assert one.returncode == 0, one.stderr[-2000:]
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    two = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                      str(port), *common, "--name", "two"], timeout=300)
+    two = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                      *common, "--name", "two"], timeout=300)  # standalone: a free port
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((run_dir / "eval" / f"{n}.json").read_text()) for n in ("one", "two"))
     assert (a["processes"], b["processes"]) == (1, 2)
