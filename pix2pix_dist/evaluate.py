@@ -38,9 +38,11 @@ from .export import (ExportError, GeneratorExport, InferenceSettings, NormMode, 
                      load_export)
 from .inference import (GeometryError, colorize_one, compose, image_seed, inference_copy,
                         model_shape, predict_ab, training_view)
-from .metrics import METRICS, image_metrics, mean_metrics
+from .metrics import (METRICS, fid_features, fid_network, frechet_distance, image_metrics,
+                      mean_metrics)
 
 NOT_COMPUTED = "not computed (no local weights)"
+LPIPS_NOTE = "not computed (not implemented)"
 EXTREMES = 4
 """Best and worst images by ab-L1 shown in the best/worst gallery."""
 
@@ -67,6 +69,9 @@ class EvalOptions:
     """Images per forward pass in `eval` norm mode (`batch` mode runs one image at a time)."""
     gallery: int = 8
     """Images in the gallery PNG (the first ones of the split)."""
+    weights_dir: Path | None = None
+    """Folder with local network weights; FID is computed when it holds
+    inception_v3_google-0cc3c7bd.pth (torchvision's Inception v3). Nothing is downloaded."""
 
 
 @dataclass
@@ -94,6 +99,8 @@ class Evaluation:
     results: list[ImageResult]
     skipped: dict[str, int]
     tiles: dict[int, Tiles] = field(default_factory=dict)
+    features: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    """FID features by rendering ("pred", "gray", "truth") and position, when computed."""
 
 
 def read_split(shards: ShardSet, start: int, stop: int) -> Iterator[tuple[int, str, torch.Tensor | str]]:
@@ -127,7 +134,7 @@ def _neutral(rgb: torch.Tensor) -> torch.Tensor:
 def evaluate_samples(generator: torch.nn.Module, settings: InferenceSettings, mode: NormMode,
                      samples: Iterator[tuple[int, str, torch.Tensor | str]], *,
                      device: torch.device, batch_size: int = 16, full_res: bool = False,
-                     keep_tiles: int = 0) -> Evaluation:
+                     keep_tiles: int = 0, fid_net: torch.nn.Module | None = None) -> Evaluation:
     """Metrics of the model and of the gray baseline for each decodable sample.
 
     Tiles are kept for the first `keep_tiles` samples and the EXTREMES best and worst by ab-L1,
@@ -141,6 +148,11 @@ def evaluate_samples(generator: torch.nn.Module, settings: InferenceSettings, mo
         ab = predict_ab(generator, L, mode, [image_seed(key) for _, key, _ in batch])
         preds = _to_uint8(lab_to_rgb(L, ab)).cpu()
         grays = _neutral(_to_uint8(lab_to_rgb(L, torch.zeros_like(ab))).cpu())
+        if fid_net is not None:
+            for name, images in (("pred", preds), ("gray", grays), ("truth", views)):
+                feats = fid_features(fid_net, images.to(device))
+                out.features.setdefault(name, {}).update(
+                    {index: f for (index, _, _), f in zip(batch, feats)})
         views = views.cpu()
         for (index, key, rgb), pred, gray, truth in zip(batch, preds, grays, views):
             p, g, t = _hwc(torch.stack([pred, gray, truth]))
@@ -206,6 +218,8 @@ def gather(part: Evaluation, expected: int) -> Evaluation:
     merged = Evaluation(results, skipped)
     for p in parts:
         merged.tiles.update(p.tiles)
+        for name, feats in p.features.items():
+            merged.features.setdefault(name, {}).update(feats)
     return merged
 
 
@@ -245,7 +259,11 @@ def markdown(report: dict[str, Any]) -> str:
                                                    f"{s['crop_size']})")]
     if "full_res" in report["metrics"]:
         parts += ["", table(report["metrics"]["full_res"], "At stored resolution (full-resolution L)")]
-    parts += ["", f"LPIPS: {report['lpips']}. FID: {report['fid']}.", "",
+    fid = report["fid"]
+    if isinstance(fid, dict):
+        fid = (f"model {fid['model']:.2f}, gray baseline {fid['gray']:.2f} (torchvision Inception "
+               f"v3 features at training resolution; lower is better)")
+    parts += ["", f"LPIPS: {report['lpips']}. FID: {fid}.", "",
               "Higher PSNR/SSIM and lower ab-L1 are better; dCF = CF(truth) - CF(pred) > 0 "
               "means duller than the truth. Definitions: pix2pix_dist/metrics.py."]
     return "\n".join(parts) + "\n"
@@ -311,12 +329,16 @@ def run(opts: EvalOptions) -> dict[str, Any]:
     exported: GeneratorExport = load_export(export_path, state.device)
     settings = exported.settings
     mode: NormMode = opts.norm_mode or settings.norm_mode
+    try:
+        fid_net = fid_network(opts.weights_dir, state.device)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     shards = find_shards(shards_path, opts.split)
     total = min(shards.total, opts.limit or shards.total)
     start, stop = rank_range(total, state.num_processes, state.process_index)
     part = evaluate_samples(exported.generator, settings, mode, read_split(shards, start, stop),
                             device=state.device, batch_size=opts.batch_size,
-                            full_res=opts.full_res, keep_tiles=opts.gallery)
+                            full_res=opts.full_res, keep_tiles=opts.gallery, fid_net=fid_net)
     merged = gather(part, total)
     if not merged.results:
         raise DataError(f"no decodable images in the {opts.split} split of {shards_path}")
@@ -326,12 +348,23 @@ def run(opts: EvalOptions) -> dict[str, Any]:
         "split": opts.split, "images": len(merged.results), "skipped": merged.skipped,
         "processes": state.num_processes,
         "settings": {**dataclasses.asdict(settings), "norm_mode": mode},
-        "metrics": summary(merged.results), "lpips": NOT_COMPUTED, "fid": NOT_COMPUTED,
+        "metrics": summary(merged.results), "lpips": LPIPS_NOTE, "fid": fid_report(merged),
         "per_image": [dataclasses.asdict(r) for r in merged.results],
     }
     if state.is_main_process:
         _write(report, merged, output, name, opts.gallery)
     return report
+
+
+def fid_report(merged: Evaluation) -> dict[str, float] | str:
+    """FID of the model and of the gray baseline against the truth, at training resolution."""
+    if not merged.features:
+        return NOT_COMPUTED
+    if len(merged.results) < 2:
+        return "not computed (fewer than 2 images)"
+    sets = {name: np.stack([feats[i] for i in sorted(feats)]) for name, feats in merged.features.items()}
+    return {"model": frechet_distance(sets["pred"], sets["truth"]),
+            "gray": frechet_distance(sets["gray"], sets["truth"])}
 
 
 def _write(report: dict[str, Any], merged: Evaluation, output: Path, name: str, gallery: int) -> None:

@@ -12,13 +12,20 @@
   CF = sqrt(std(rg)^2 + std(yb)^2) + 0.3 * sqrt(mean(rg)^2 + mean(yb)^2).
   dCF = CF(truth) - CF(prediction): positive when the prediction is duller than the truth
   (pix2pix-style models desaturate), zero when it is as colourful.
+- FID (over a set of images, only when local weights are given): frechet_distance of
+  fid_features (see FID_WEIGHTS). LPIPS is not implemented.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
 from skimage.color import rgb2lab
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from torch import nn
 
 PSNR_CAP = 100.0
 METRICS = ("psnr", "ssim", "ab_l1", "cf_pred", "cf_truth", "dcf")
@@ -63,3 +70,59 @@ def image_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     """Per-key average over images (NaN for no images)."""
     return {k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in METRICS}
+
+
+# --- FID (only with local weights) -------------------------------------------------------------
+
+FID_WEIGHTS = "inception_v3_google-0cc3c7bd.pth"
+"""torchvision's Inception v3 ImageNet weights (IMAGENET1K_V1), under this file name (the one
+torchvision's own download uses) in --weights-dir. Features are its 2048-d pool output, so the
+values are not comparable with papers' FIDs, which use the TF-Inception port (pytorch-fid)."""
+
+
+def fid_network(weights_dir: Path | None, device: torch.device) -> nn.Module | None:
+    """Inception v3 feature extractor from `weights_dir`, or None when the file is not there
+    (never downloaded). A file that is not those weights raises ValueError (one line)."""
+    from torchvision.models import Inception3
+
+    path = Path(weights_dir) / FID_WEIGHTS if weights_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    net = Inception3(aux_logits=True, transform_input=True, init_weights=False)
+    try:
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # wrong file, damaged file, pickled code (refused by weights_only)
+        raise ValueError(f"{path} is not torchvision's Inception v3 weights: "
+                         f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    net.fc = nn.Identity()  # the 2048-d pool features, as FID uses
+    return net.eval().to(device)
+
+
+def fid_features(net: nn.Module, rgb: torch.Tensor) -> np.ndarray:
+    """(B,3,H,W) uint8 -> (B,2048) float64 features (299x299, ImageNet normalisation, as the
+    weights were trained)."""
+    x = TF.resize(rgb, [299, 299], antialias=True).float().div_(255)
+    x = TF.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    with torch.no_grad():
+        return net(x).double().cpu().numpy()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two (N, D) feature sets (Heusel et al. 2017):
+    |mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^(1/2)).
+
+    Tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b, computed
+    exactly without a general matrix square root (scipy's sqrtm of 2048x2048 takes minutes on
+    a small CPU): for fewer samples than dimensions, as the nuclear norm of A B^T / sqrt(n_a n_b)
+    (A, B the centred features); otherwise from symmetric eigendecompositions."""
+    a_c, b_c = a - a.mean(axis=0), b - b.mean(axis=0)
+    n_a, n_b = len(a) - 1, len(b) - 1
+    if min(len(a), len(b)) <= a.shape[1]:
+        trace_root = np.linalg.svd(a_c @ b_c.T / np.sqrt(n_a * n_b), compute_uv=False).sum()
+    else:
+        s_a, s_b = a_c.T @ a_c / n_a, b_c.T @ b_c / n_b
+        w, v = np.linalg.eigh(s_a)
+        root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        trace_root = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
+    mean_term = ((a.mean(axis=0) - b.mean(axis=0)) ** 2).sum()
+    return float(mean_term + (a_c**2).sum() / n_a + (b_c**2).sum() / n_b - 2 * trace_root)

@@ -19,12 +19,13 @@ from pix2pix_dist.config import build_config
 from pix2pix_dist.data.lab import uint8_to_lab
 from pix2pix_dist.data.shards_index import find_shards
 from pix2pix_dist.colorize import main as colorize_main
-from pix2pix_dist.evaluate import evaluate_samples, read_split, summary
+from pix2pix_dist.evaluate import NOT_COMPUTED, evaluate_samples, read_split, summary
 from pix2pix_dist.evaluate import main as evaluate_main
 from pix2pix_dist.export import (INFERENCE_KEY, MODEL_KEY, ExportError, InferenceSettings,
                                  export_generator, generator_meta, load_export)
 from pix2pix_dist.inference import training_view
-from pix2pix_dist.metrics import ab_l1, colourfulness, image_metrics, psnr, ssim
+from pix2pix_dist.metrics import (FID_WEIGHTS, ab_l1, colourfulness, frechet_distance,
+                                  image_metrics, psnr, ssim)
 from pix2pix_dist.models import UNetGenerator, init_weights
 
 TINY = [("model.num_downs", 6), ("model.ngf", 8), ("data.crop_size", 64), ("data.load_size", 72)]
@@ -253,3 +254,43 @@ def test_run_without_shards_is_a_one_line_error(tmp_path, capsys):
         assert evaluate_main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: "), err
+
+
+def test_frechet_distance_closed_form():
+    a, b = np.array([[0.0], [2.0]]), np.array([[1.0], [5.0]])
+    # means 1 and 3, sample variances 2 and 8: (1-3)^2 + 2 + 8 - 2*sqrt(2*8) = 6
+    assert frechet_distance(a, b) == pytest.approx(6.0, abs=1e-9)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 4))
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(x, x + 1.0) == pytest.approx(4.0, abs=1e-6)  # shifted means only
+    # fewer samples than dimensions (the nuclear-norm path) agrees with the textbook sqrtm form
+    from scipy.linalg import sqrtm
+
+    a, b = rng.normal(size=(5, 8)), rng.normal(size=(7, 8)) * 2 + 0.5
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    textbook = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a + s_b - 2 * sqrtm(s_a @ s_b).real)
+    assert frechet_distance(a, b) == pytest.approx(textbook, rel=1e-6)
+
+
+def test_fid_is_computed_only_from_local_weights(sample_shards, tmp_path, capsys, one_thread):
+    from torchvision.models import Inception3
+
+    run_dir = tmp_path / "run"
+    tiny_export(run_dir, sample_shards)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.manual_seed(0)  # stand-in weights with the real architecture: the plumbing, not values
+    torch.save(Inception3(aux_logits=True, transform_input=True, init_weights=False).state_dict(),
+               weights / FID_WEIGHTS)
+    assert evaluate_main([str(run_dir), "--weights-dir", str(weights), "--name", "fid"]) == 0
+    fid = json.loads((run_dir / "eval" / "fid.json").read_text())["fid"]
+    assert set(fid) == {"model", "gray"} and all(math.isfinite(v) and v > -1e-6 for v in fid.values())
+    assert "FID: model" in capsys.readouterr().out
+
+    assert evaluate_main([str(run_dir), "--weights-dir", str(tmp_path), "--name", "none"]) == 0
+    assert json.loads((run_dir / "eval" / "none.json").read_text())["fid"] == NOT_COMPUTED
+    (weights / FID_WEIGHTS).write_bytes(b"not weights")
+    assert evaluate_main([str(run_dir), "--weights-dir", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not torchvision's Inception v3 weights" in err
