@@ -39,10 +39,9 @@ from .export import (ExportError, GeneratorExport, InferenceSettings, NormMode, 
 from .inference import (GeometryError, colorize_one, compose, image_seed, inference_copy,
                         model_shape, predict_ab, training_view)
 from .metrics import (METRICS, fid_features, fid_network, frechet_distance, image_metrics,
-                      mean_metrics)
+                      lpips_network, mean_metrics)
 
 NOT_COMPUTED = "not computed (no local weights)"
-LPIPS_NOTE = "not computed (not implemented)"
 EXTREMES = 4
 """Best and worst images by ab-L1 shown in the best/worst gallery."""
 
@@ -70,8 +69,9 @@ class EvalOptions:
     gallery: int = 8
     """Images in the gallery PNG (the first ones of the split)."""
     weights_dir: Path | None = None
-    """Folder with local network weights; FID is computed when it holds
-    inception_v3_google-0cc3c7bd.pth (torchvision's Inception v3). Nothing is downloaded."""
+    """Folder with local network weights, never downloaded: FID is computed when it holds
+    inception_v3_google-0cc3c7bd.pth (torchvision's Inception v3), LPIPS when it holds
+    alexnet-owt-7be5be79.pth (torchvision's AlexNet) and alex.pth (LPIPS v0.1)."""
 
 
 @dataclass
@@ -134,7 +134,8 @@ def _neutral(rgb: torch.Tensor) -> torch.Tensor:
 def evaluate_samples(generator: torch.nn.Module, settings: InferenceSettings, mode: NormMode,
                      samples: Iterator[tuple[int, str, torch.Tensor | str]], *,
                      device: torch.device, batch_size: int = 16, full_res: bool = False,
-                     keep_tiles: int = 0, fid_net: torch.nn.Module | None = None) -> Evaluation:
+                     keep_tiles: int = 0, fid_net: torch.nn.Module | None = None,
+                     lpips_net: torch.nn.Module | None = None) -> Evaluation:
     """Metrics of the model and of the gray baseline for each decodable sample.
 
     Tiles are kept for the first `keep_tiles` samples and the EXTREMES best and worst by ab-L1,
@@ -153,10 +154,15 @@ def evaluate_samples(generator: torch.nn.Module, settings: InferenceSettings, mo
                 feats = fid_features(fid_net, images.to(device))
                 out.features.setdefault(name, {}).update(
                     {index: f for (index, _, _), f in zip(batch, feats)})
+        if lpips_net is not None:
+            lp_model = lpips_net(preds.to(device), views).tolist()
+            lp_gray = lpips_net(grays.to(device), views).tolist()
         views = views.cpu()
         for (index, key, rgb), pred, gray, truth in zip(batch, preds, grays, views):
             p, g, t = _hwc(torch.stack([pred, gray, truth]))
             result = ImageResult(index, key, image_metrics(p, t), image_metrics(g, t))
+            if lpips_net is not None:
+                result.model["lpips"], result.gray["lpips"] = lp_model.pop(0), lp_gray.pop(0)
             if full_res:
                 full = rgb.to(device)
                 t_full = full.permute(1, 2, 0).cpu().numpy()
@@ -263,7 +269,11 @@ def markdown(report: dict[str, Any]) -> str:
     if isinstance(fid, dict):
         fid = (f"model {fid['model']:.2f}, gray baseline {fid['gray']:.2f} (torchvision Inception "
                f"v3 features at training resolution; lower is better)")
-    parts += ["", f"LPIPS: {report['lpips']}. FID: {fid}.", "",
+    lpips = report["lpips"]
+    if isinstance(lpips, dict):
+        lpips = (f"model {lpips['model']:.4f}, gray baseline {lpips['gray']:.4f} (AlexNet v0.1 at "
+                 f"training resolution; lower is better)")
+    parts += ["", f"LPIPS: {lpips}. FID: {fid}.", "",
               "Higher PSNR/SSIM and lower ab-L1 are better; dCF = CF(truth) - CF(pred) > 0 "
               "means duller than the truth. Definitions: pix2pix_dist/metrics.py."]
     return "\n".join(parts) + "\n"
@@ -331,6 +341,7 @@ def run(opts: EvalOptions) -> dict[str, Any]:
     mode: NormMode = opts.norm_mode or settings.norm_mode
     try:
         fid_net = fid_network(opts.weights_dir, state.device)
+        lpips_net = lpips_network(opts.weights_dir, state.device)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     shards = find_shards(shards_path, opts.split)
@@ -338,7 +349,8 @@ def run(opts: EvalOptions) -> dict[str, Any]:
     start, stop = rank_range(total, state.num_processes, state.process_index)
     part = evaluate_samples(exported.generator, settings, mode, read_split(shards, start, stop),
                             device=state.device, batch_size=opts.batch_size,
-                            full_res=opts.full_res, keep_tiles=opts.gallery, fid_net=fid_net)
+                            full_res=opts.full_res, keep_tiles=opts.gallery, fid_net=fid_net,
+                            lpips_net=lpips_net)
     merged = gather(part, total)
     if not merged.results:
         raise DataError(f"no decodable images in the {opts.split} split of {shards_path}")
@@ -348,12 +360,20 @@ def run(opts: EvalOptions) -> dict[str, Any]:
         "split": opts.split, "images": len(merged.results), "skipped": merged.skipped,
         "processes": state.num_processes,
         "settings": {**dataclasses.asdict(settings), "norm_mode": mode},
-        "metrics": summary(merged.results), "lpips": LPIPS_NOTE, "fid": fid_report(merged),
+        "metrics": summary(merged.results), "lpips": lpips_report(merged.results),
+        "fid": fid_report(merged),
         "per_image": [dataclasses.asdict(r) for r in merged.results],
     }
     if state.is_main_process:
         _write(report, merged, output, name, opts.gallery)
     return report
+
+
+def lpips_report(results: list[ImageResult]) -> dict[str, float] | str:
+    """Mean LPIPS of the model and of the gray baseline against the truth (training resolution)."""
+    if not results or "lpips" not in results[0].model:
+        return NOT_COMPUTED
+    return {row: float(np.mean([getattr(r, row)["lpips"] for r in results])) for row in ("model", "gray")}
 
 
 def fid_report(merged: Evaluation) -> dict[str, float] | str:

@@ -12,8 +12,8 @@
   CF = sqrt(std(rg)^2 + std(yb)^2) + 0.3 * sqrt(mean(rg)^2 + mean(yb)^2).
   dCF = CF(truth) - CF(prediction): positive when the prediction is duller than the truth
   (pix2pix-style models desaturate), zero when it is as colourful.
-- FID (over a set of images, only when local weights are given): frechet_distance of
-  fid_features (see FID_WEIGHTS). LPIPS is not implemented.
+- FID (over a set of images) and LPIPS (per image), only when local weights are given: see
+  FID_WEIGHTS and LPIPS_FILES.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from skimage.color import rgb2lab
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -126,3 +127,62 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         trace_root = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
     mean_term = ((a.mean(axis=0) - b.mean(axis=0)) ** 2).sum()
     return float(mean_term + (a_c**2).sum() / n_a + (b_c**2).sum() / n_b - 2 * trace_root)
+
+
+# --- LPIPS (only with local weights) -----------------------------------------------------------
+
+LPIPS_FILES = ("alexnet-owt-7be5be79.pth", "alex.pth")
+"""In --weights-dir: torchvision's AlexNet ImageNet weights, and LPIPS v0.1's linear layers for
+AlexNet (`lpips/weights/v0.1/alex.pth` in the `lpips` package)."""
+_LPIPS_TAPS = (1, 4, 7, 9, 11)  # AlexNet feature indices after relu1..relu5
+_LPIPS_CHANNELS = (64, 192, 384, 256, 256)
+
+
+class Lpips(nn.Module):
+    """LPIPS v0.1 with AlexNet (Zhang et al., "The Unreasonable Effectiveness of Deep Features as
+    a Perceptual Metric", CVPR 2018; richzhang/PerceptualSimilarity): images scaled to [-1, 1]
+    and by its ScalingLayer, features at relu1..5 unit-normalised over channels, squared
+    differences weighted by the linear layers, averaged over space, summed over layers."""
+
+    def __init__(self, features: nn.Sequential, lins: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.features = features[:_LPIPS_TAPS[-1] + 1]
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.lins = nn.ParameterList([nn.Parameter(w, requires_grad=False) for w in lins])
+
+    def forward(self, pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) uint8 pairs -> (B,) distances."""
+        x = torch.cat([pred, truth]).float().div(127.5).sub(1.0)
+        x = (x - self.shift) / self.scale
+        total = torch.zeros(len(pred), device=x.device)
+        lins = iter(self.lins)
+        with torch.no_grad():
+            for i, layer in enumerate(self.features):
+                x = layer(x)
+                if i in _LPIPS_TAPS:
+                    unit = x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+                    a, b = unit.chunk(2)
+                    total += F.conv2d((a - b).pow(2), next(lins)).mean(dim=(1, 2, 3))
+        return total
+
+
+def lpips_network(weights_dir: Path | None, device: torch.device) -> Lpips | None:
+    """LPIPS from the two files of LPIPS_FILES in `weights_dir`, or None when they are not both
+    there (never downloaded). Files that are not those weights raise ValueError (one line)."""
+    from torchvision.models import alexnet
+
+    paths = [Path(weights_dir) / name for name in LPIPS_FILES] if weights_dir is not None else []
+    if not paths or not all(p.is_file() for p in paths):
+        return None
+    try:
+        net = alexnet(weights=None)
+        net.load_state_dict(torch.load(paths[0], map_location="cpu", weights_only=True))
+        lin_state = torch.load(paths[1], map_location="cpu", weights_only=True)
+        lins = [lin_state[f"lin{i}.model.1.weight"].float() for i in range(5)]
+        if [tuple(w.shape) for w in lins] != [(1, c, 1, 1) for c in _LPIPS_CHANNELS]:
+            raise ValueError("linear layers of the wrong shapes")
+    except Exception as exc:  # wrong, damaged or pickled-code files (refused by weights_only)
+        raise ValueError(f"{paths[0]} and {paths[1]} are not AlexNet and LPIPS v0.1 weights: "
+                         f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    return Lpips(net.features, lins).eval().to(device)

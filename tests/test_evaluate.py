@@ -24,8 +24,8 @@ from pix2pix_dist.evaluate import main as evaluate_main
 from pix2pix_dist.export import (INFERENCE_KEY, MODEL_KEY, ExportError, InferenceSettings,
                                  export_generator, generator_meta, load_export)
 from pix2pix_dist.inference import training_view
-from pix2pix_dist.metrics import (FID_WEIGHTS, ab_l1, colourfulness, frechet_distance,
-                                  image_metrics, psnr, ssim)
+from pix2pix_dist.metrics import (FID_WEIGHTS, LPIPS_FILES, Lpips, ab_l1, colourfulness,
+                                  frechet_distance, image_metrics, lpips_network, psnr, ssim)
 from pix2pix_dist.models import UNetGenerator, init_weights
 
 TINY = [("model.num_downs", 6), ("model.ngf", 8), ("data.crop_size", 64), ("data.load_size", 72)]
@@ -294,3 +294,34 @@ def test_fid_is_computed_only_from_local_weights(sample_shards, tmp_path, capsys
     assert evaluate_main([str(run_dir), "--weights-dir", str(weights)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not torchvision's Inception v3 weights" in err
+
+
+def test_lpips_is_computed_only_from_local_weights(sample_shards, tmp_path, capsys, one_thread):
+    from torchvision.models import alexnet
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.manual_seed(0)  # stand-in weights with the real shapes: the plumbing and the formula
+    torch.save(alexnet(weights=None).state_dict(), weights / LPIPS_FILES[0])
+    lins = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 192, 384, 256, 256))}
+    torch.save(lins, weights / LPIPS_FILES[1])
+    net = lpips_network(weights, torch.device("cpu"))
+    rng = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, 256, (2, 3, 64, 64), generator=rng, dtype=torch.uint8) for _ in range(2))
+    d = net(x, y)
+    assert d.shape == (2,) and bool((d > 0).all()) and torch.allclose(net(y, x), d)
+    assert net(x, x).abs().max() < 1e-6
+    doubled = Lpips(net.features, [2 * w for w in net.lins])  # linear in the layer weights
+    assert torch.allclose(doubled(x, y), 2 * d)
+
+    run_dir = tmp_path / "run"
+    tiny_export(run_dir, sample_shards)
+    assert evaluate_main([str(run_dir), "--weights-dir", str(weights), "--name", "lp"]) == 0
+    report = json.loads((run_dir / "eval" / "lp.json").read_text())
+    assert set(report["lpips"]) == {"model", "gray"} and report["fid"] == NOT_COMPUTED
+    assert report["lpips"]["model"] == pytest.approx(
+        np.mean([r["model"]["lpips"] for r in report["per_image"]]))
+    assert "LPIPS: model" in capsys.readouterr().out
+    (weights / LPIPS_FILES[1]).write_bytes(b"nope")
+    assert evaluate_main([str(run_dir), "--weights-dir", str(weights)]) == 2
+    assert "not AlexNet and LPIPS v0.1 weights" in capsys.readouterr().err
