@@ -404,10 +404,16 @@ def _write(report: dict[str, Any], merged: Evaluation, output: Path, name: str, 
 
 class TrainingEval:
     """The training loop's periodic evaluation on the first `eval.count` validation images,
-    held decoded in memory (main process only)."""
+    held decoded in memory (main process only). Shards without a val split are evaluated on
+    their first train images, with a notice, as the sample grids do."""
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        shards = find_shards(cfg.data.shards, "val")
+        try:
+            shards = find_shards(cfg.data.shards, "val")
+        except DataError:
+            shards = find_shards(cfg.data.shards, "train")
+            print(f"notice: {cfg.data.shards} has no val split; eval.every evaluates the first "
+                  f"{cfg.eval.count} train images (scores on training data)", flush=True)
         count = min(cfg.eval.count, shards.total)
         self.samples = [s for s in read_split(shards, 0, count) if not isinstance(s[2], str)]
         self.cfg, self.device = cfg, device

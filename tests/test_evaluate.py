@@ -19,7 +19,7 @@ from pix2pix_dist.config import build_config
 from pix2pix_dist.data.lab import uint8_to_lab
 from pix2pix_dist.data.shards_index import find_shards
 from pix2pix_dist.colorize import main as colorize_main
-from pix2pix_dist.evaluate import NOT_COMPUTED, evaluate_samples, read_split, summary
+from pix2pix_dist.evaluate import NOT_COMPUTED, TrainingEval, evaluate_samples, read_split, summary
 from pix2pix_dist.evaluate import main as evaluate_main
 from pix2pix_dist.export import (INFERENCE_KEY, MODEL_KEY, ExportError, InferenceSettings,
                                  export_generator, generator_meta, load_export)
@@ -325,3 +325,21 @@ def test_lpips_is_computed_only_from_local_weights(sample_shards, tmp_path, caps
     (weights / LPIPS_FILES[1]).write_bytes(b"nope")
     assert evaluate_main([str(run_dir), "--weights-dir", str(weights)]) == 2
     assert "not AlexNet and LPIPS v0.1 weights" in capsys.readouterr().err
+
+
+def test_training_eval_falls_back_to_train_images_without_a_val_split(sample_shards, tmp_path, capsys):
+    shards = tmp_path / "train_only"
+    shards.mkdir()
+    for tar in find_shards(sample_shards, "train").shards:
+        shutil.copy(tar.tar, shards / tar.tar.name)  # no manifest, no val-*.tar
+    cfg = build_config(None, overrides=[*TINY, ("data.shards", str(shards)), ("eval.count", 3),
+                                        ("eval.norm_mode", "batch")])  # batch mode updates BN stats
+    evaluator = TrainingEval(cfg, torch.device("cpu"))
+    assert "has no val split" in capsys.readouterr().out and len(evaluator.samples) == 3
+    torch.manual_seed(0)
+    generator = UNetGenerator(**generator_meta(cfg, 0)["model"])
+    before = {k: v.clone() for k, v in generator.state_dict().items()}
+    scalars = evaluator(generator.train(), 5)
+    assert {"eval/ab_l1", "eval/dcf", "eval/gray_ab_l1"} <= set(scalars)
+    assert all(math.isfinite(v) for v in scalars.values())
+    assert generator.training and all(torch.equal(before[k], v) for k, v in generator.state_dict().items())
