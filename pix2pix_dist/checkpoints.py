@@ -1,36 +1,50 @@
-"""Checkpoints: atomic full training state for resume, plus small generator exports for inference.
+"""Checkpoints: the training state's single owner (what a checkpoint holds, how it is written,
+verified and restored), plus small generator exports for inference.
 
 Layout of a run folder:
-    checkpoints/step-00001000/state.pt              models, optimizers, scaler, counters (rank 0)
+    checkpoints/step-00001000/state.pt              models, optimizers, scaler, counters, model
+                                                    settings, global batch (rank 0)
     checkpoints/step-00001000/rng-rank{R}.pt        each process's RNG state
     checkpoints/step-00001000/generator.safetensors generator only, for inference
+    checkpoints/step-00001000/manifest.json         size and sha256 of each file above
     generator.safetensors                           the newest generator export
-A checkpoint is written into `step-N.tmp/` and renamed when every file is on disk, so a folder
-named `step-N` is always complete; a crash mid-write leaves only a `.tmp` that the next save
-removes. Everything is plain tensors and Python scalars, so it loads with `weights_only=True`.
+A checkpoint is written into `step-N.tmp/`, its manifest last, and renamed when every file is on
+disk, so a folder named `step-N` is always complete and its manifest says what its files held.
+Everything is plain tensors and Python scalars, so it loads with `weights_only=True`.
 The run folder must be on storage every node can reach (as usual for multi-node training).
+Design notes (resume semantics, integrity, fallback): docs/design.md, "Checkpoints and resume".
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 import random
 import shutil
-import zipfile
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .atomic import fsync_dir
+from .atomic import atomic_write, fsync_dir
 from .export import export_generator
+from .ranks import RankError, agree, all_gather
+
+if TYPE_CHECKING:
+    from .gan_step import Networks
+    from .recipe import Recipe
 
 PREFIX = "step-"
+MANIFEST = "manifest.json"
+FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, reported as one line."""
+class CheckpointError(RankError):
+    """A checkpoint that cannot be written or used, reported as one line."""
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -47,11 +61,55 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def _save_file(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless every file the manifest lists has its recorded size and
+    sha256 (sizes first: a truncated file is found without reading it)."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        if "state.pt" not in files:
+            raise CheckpointError(f"{path / MANIFEST} lists no state.pt")
+        for name, entry in files.items():
+            if Path(name).name != name or name in (".", ".."):  # from a file: never a path
+                raise CheckpointError(f"{path / MANIFEST} lists a file outside the checkpoint")
+            if (path / name).stat().st_size != entry["bytes"]:
+                raise CheckpointError(f"{name} is {(path / name).stat().st_size} bytes, "
+                                      f"{entry['bytes']} when saved")
+        for name, entry in files.items():
+            if sha256_file(path / name) != entry["sha256"]:
+                raise CheckpointError(f"{name} does not match its sha256 (damaged after saving)")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"unreadable manifest or file ({type(exc).__name__}: {exc})") from exc
+
+
+def nonfinite_entries(named: dict[str, dict[str, Any]]) -> list[str]:
+    """'G.down.0.weight'-style names of the tensors that hold NaN or inf, in state dicts that
+    may nest (optimizer states)."""
+    bad: list[str] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(prefix)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(f"{prefix}.{i}", item)
+
+    for name, state in named.items():
+        walk(name, state)
+    return bad
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,56 +126,265 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], generator: nn.Module,
-                    generator_meta: dict[str, Any], *, rank: int, barrier, keep: int) -> Path:
-    """Write a checkpoint collectively: every rank calls this with the same step.
+class _WriteErrorKeeper:
+    """A file for torch.save that keeps the OSError of a failed write: torch turns it into a
+    RuntimeError ("unexpected pos ...") that no longer says the disk is full."""
 
-    `state` is only used on rank 0; `barrier` is a no-argument callable that synchronises ranks."""
-    final = checkpoint_root(run_dir) / f"{PREFIX}{step:08d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        # Also clear what a crash during an earlier save left (each is a full checkpoint).
-        for stale in checkpoint_root(run_dir).glob(f"{PREFIX}*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    _save_file(rng_state(), tmp / f"rng-rank{rank}.pt")
-    if rank == 0:
-        _save_file(state, tmp / "state.pt")
-        export_generator(generator, tmp / "generator.safetensors", generator_meta)
-    barrier()
-    if rank == 0:
-        if final.exists():  # the same step saved again (e.g. a signal right after a save)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        fsync_dir(final.parent)
-        export_generator(generator, Path(run_dir) / "generator.safetensors", generator_meta)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
 
-
-def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(training state, this rank's RNG state or None when it was saved with fewer ranks)."""
-    rng_file = path / f"rng-rank{rank}.pt"
-    try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
-    except Exception as exc:  # truncated file, wrong format, missing folder
-        raise CheckpointError(f"cannot load checkpoint {path}: {exc}".splitlines()[0]) from None
-    return state, rng
-
-
-def latest_loadable(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose state file is intact, skipping damaged ones with a notice.
-
-    torch.save writes a zip archive whose directory sits at the end, so opening it detects a
-    truncated file without reading the (possibly large) tensors."""
-    for path in reversed(list_checkpoints(run_dir)):
+    def write(self, data) -> int:
         try:
-            with zipfile.ZipFile(path / "state.pt"):
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save_file(obj: Any, path: Path) -> dict[str, Any]:
+    """torch.save + fsync; the file's manifest entry (read back, so it is what reached the file)."""
+    with open(path, "wb") as f:
+        keeper = _WriteErrorKeeper(f)
+        try:
+            torch.save(obj, keeper)
+        except RuntimeError:
+            if keeper.error is None:
+                raise
+            raise keeper.error from None  # the RuntimeError only repeats it, less clearly
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _write_error(what: Path, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    hint = "; free some space and run again to resume" if exc.errno in (28, 122) else ""
+    return f"cannot write checkpoint {what}: {reason}{where}{hint}"
+
+
+# What torch.load raises on a file that is not what it should be (checksums make these rare).
+_LOAD_ERRORS = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError)
+
+
+class CheckpointManager:
+    """Saves and restores one run's full training state, collectively: every rank calls
+    `save`/`resume` at the same point. Rank 0 writes the shared files and chooses what to
+    resume from; every rank writes its RNG state and loads the chosen checkpoint."""
+
+    def __init__(self, run_dir: Path, nets: "Networks", accelerator, *, model: dict[str, Any],
+                 recipe: "Recipe", generator_meta: Callable[[int], dict[str, Any]],
+                 keep: int) -> None:
+        self.run_dir = Path(run_dir)
+        self.nets = nets
+        self.accelerator = accelerator
+        self.model = model
+        self.recipe = recipe
+        self.generator_meta = generator_meta
+        """The generator export's metadata at a step."""
+        self.keep = keep
+        self.rank = accelerator.process_index
+        self.main = accelerator.is_main_process
+        self.resumed_from: Path | None = None
+        """The checkpoint `resume` restored, if any."""
+
+    # --- what a checkpoint holds --------------------------------------------------------------
+    def _state(self, step: int, nonfinite: int) -> dict[str, Any]:
+        scaler = self.accelerator.scaler
+        return {
+            "G": self.nets.G_raw.state_dict(), "D": self.nets.D_raw.state_dict(),
+            "opt_G": self.nets.opt_G.state_dict(), "opt_D": self.nets.opt_D.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "step": step, "nonfinite": nonfinite, "model": self.model,
+            "global_batch": self.recipe.global_batch,
+        }
+
+    def _apply(self, state: dict[str, Any]) -> tuple[int, int]:
+        self.nets.G_raw.load_state_dict(state["G"])
+        self.nets.D_raw.load_state_dict(state["D"])
+        self.nets.opt_G.load_state_dict(state["opt_G"])
+        self.nets.opt_D.load_state_dict(state["opt_D"])
+        if state.get("scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        return int(state["step"]), int(state["nonfinite"])
+
+    def last_good(self) -> Path | None:
+        """The newest checkpoint on disk (only finite, complete ones are ever written)."""
+        existing = list_checkpoints(self.run_dir)
+        return existing[-1] if existing else None
+
+    def advice(self) -> str:
+        last = self.last_good()
+        if last is None:
+            return "no checkpoint was saved; lower optim.lr and start again"
+        return (f"the last good checkpoint is {last}; lower optim.lr and run again to resume "
+                f"from it")
+
+    def check_finite(self, step: int) -> None:
+        """Collective: stop (CheckpointError on every rank) when a weight, an optimizer moment
+        or one of G's BatchNorm statistics (inference uses them) is NaN/inf. D's statistics are
+        left out: D always runs in training mode, so they are never used, and a non-finite
+        loss (a skipped step) leaves them NaN. Every rank checks: statistics are per rank."""
+        bad = nonfinite_entries({"G": self.nets.G_raw.state_dict(),
+                                 "D": dict(self.nets.D_raw.named_parameters()),
+                                 "opt_G": self.nets.opt_G.state_dict()["state"],
+                                 "opt_D": self.nets.opt_D.state_dict()["state"]})
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        agree(f"weights are not finite at step {step} ({shown}); nothing saved: "
+              f"{self.advice()}" if bad else None, CheckpointError)
+
+    # --- save ---------------------------------------------------------------------------------
+    def save(self, step: int, nonfinite: int) -> Path:
+        """Write checkpoint `step` (every rank calls this); refuse non-finite weights."""
+        self.check_finite(step)
+        root = checkpoint_root(self.run_dir)
+        final = root / f"{PREFIX}{step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        error = None
+        if self.main:
+            try:  # also clear what a crash during an earlier save left (each is a full checkpoint)
+                for stale in root.glob(f"{PREFIX}*.tmp"):
+                    shutil.rmtree(stale)
+                tmp.mkdir(parents=True)
+            except OSError as exc:
+                error = _write_error(final, exc)
+        agree(error, CheckpointError)
+
+        files: dict[str, Any] = {}
+        try:
+            files[f"rng-rank{self.rank}.pt"] = _save_file(rng_state(), tmp / f"rng-rank{self.rank}.pt")
+            if self.main:
+                files["state.pt"] = _save_file(self._state(step, nonfinite), tmp / "state.pt")
+                export_generator(self.nets.G_raw, tmp / "generator.safetensors", self.generator_meta(step))
+                files["generator.safetensors"] = {
+                    "bytes": (tmp / "generator.safetensors").stat().st_size,
+                    "sha256": sha256_file(tmp / "generator.safetensors")}
+        except OSError as exc:
+            error = _write_error(final, exc)
+        gathered = all_gather((files, error))
+        error = next((e for _, e in gathered if e), None)
+        if error is None and self.main:
+            try:
+                manifest = {"format": FORMAT, "step": step, "world_size": len(gathered),
+                            "files": {k: v for f, _ in gathered for k, v in sorted(f.items())}}
+                atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+                if final.exists():  # the same step saved again (e.g. a signal right after a save)
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                fsync_dir(root)
+                export_generator(self.nets.G_raw, self.run_dir / "generator.safetensors",
+                                 self.generator_meta(step))
+                for old in list_checkpoints(self.run_dir)[:-self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError as exc:
+                error = _write_error(final, exc)
+        if error is not None and self.main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not keep a partial copy
+        agree(error, CheckpointError)
+        return final
+
+    # --- resume -------------------------------------------------------------------------------
+    def resume(self, resume: str, seed: int) -> tuple[int, int]:
+        """Restore the checkpoint `resume` names ("auto": the newest intact one; "never"; a
+        path) and seed the RNGs; returns (step, non-finite steps so far), (0, 0) when fresh."""
+        from accelerate.utils import set_seed
+
+        path = self._choose(resume)
+        if path is None:
+            set_seed(seed, device_specific=True)  # different dropout noise per rank
+            return 0, 0
+        # Every rank loads the checkpoint rank 0 chose, so DDP replicas stay identical.
+        error, rng, counters = None, None, (0, 0)
+        try:
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            self._check_same_model(state, path)
+            self._check_same_global_batch(state, path)
+            rng_file = path / f"rng-rank{self.rank}.pt"
+            rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
+            counters = self._apply(state)
+        except CheckpointError as exc:
+            error = str(exc)
+        except _LOAD_ERRORS as exc:
+            error = f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]
+        agree(error, CheckpointError)
+        self.resumed_from = path
+        if rng is not None:
+            set_rng_state(rng)
+        else:  # resumed with more processes than saved: fresh noise for the new ranks
+            set_seed(seed + counters[0], device_specific=True)
+        return counters
+
+    def _choose(self, resume: str) -> Path | None:
+        """Rank 0 picks (ranks that looked on their own could see different listings: network
+        file systems lag) and sends its choice, or its error, to every rank."""
+        choice: list[Any] = [None, None]
+        if self.main:
+            try:
+                picked = self._pick(resume)
+                choice[0] = str(picked) if picked else None
+            except CheckpointError as exc:
+                choice[1] = str(exc)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(choice, src=0)
+        if choice[1] is not None:
+            raise CheckpointError(choice[1], all_ranks=True)
+        return Path(choice[0]) if choice[0] else None
+
+    def _pick(self, resume: str) -> Path | None:
+        existing = list_checkpoints(self.run_dir)
+        if resume == "never":
+            if existing:
+                raise CheckpointError(
+                    f"{self.run_dir} already holds checkpoints up to {existing[-1].name} and "
+                    f"ckpt.resume=never would overwrite that run; choose a new run_dir, or "
+                    f"ckpt.resume=auto to continue it")
+            return None
+        if resume != "auto":  # a checkpoint the user named: no silent substitute
+            try:
+                verify_checkpoint(Path(resume))
+            except CheckpointError as exc:
+                raise CheckpointError(f"checkpoint {resume} is damaged: {exc}") from exc
+            return Path(resume)
+        for path in reversed(existing):
+            try:
+                verify_checkpoint(path)
                 return path
-        except (OSError, zipfile.BadZipFile) as exc:
-            print(f"warning: skipping damaged checkpoint {path}: {exc}")
-    return None
+            except CheckpointError as exc:
+                print(f"warning: skipping damaged checkpoint {path}: {exc}; trying the one before",
+                      flush=True)
+        if existing:
+            raise CheckpointError(f"every checkpoint in {checkpoint_root(self.run_dir)} is damaged "
+                                  f"(see the warnings above); move them away to start again, or "
+                                  f"choose a new run_dir")
+        return None
+
+    def _check_same_global_batch(self, state: dict[str, Any], path: Path) -> None:
+        """Resuming on another number of processes keeps the schedule only with the same global
+        batch (data.global_batch splits itself; a pinned data.batch_size does not)."""
+        saved, recipe = state.get("global_batch"), self.recipe
+        if saved is not None and saved != recipe.global_batch:
+            raise CheckpointError(
+                f"{path} was trained with a global batch of {saved}, this run's is "
+                f"{recipe.global_batch} ({recipe.batch_per_process}/process x {recipe.world_size}); "
+                f"resuming would change the recipe. Set data.global_batch={saved} without "
+                f"data.batch_size, or use a new run_dir")
+
+    def _check_same_model(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint whose model settings differ, including settings that were added
+        or removed since it was saved (its weights may not mean the same thing)."""
+        saved, current = state.get("model", {}), self.model
+        changes = []
+        for key in sorted(saved.keys() | current.keys()):
+            if key not in current:
+                changes.append(f"model.{key} is no longer a setting (checkpoint: {saved[key]!r})")
+            elif key not in saved:
+                changes.append(f"model.{key}={current[key]!r} is not in the checkpoint")
+            elif saved[key] != current[key]:
+                changes.append(f"model.{key}={current[key]!r} (checkpoint: {saved[key]!r})")
+        if changes:
+            raise CheckpointError(f"{path} was saved with a different model: {', '.join(changes)}; "
+                                  f"use the checkpoint's settings or a new run_dir")
+

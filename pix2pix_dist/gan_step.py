@@ -4,14 +4,9 @@ Shared by the training loop and the benchmark, so the benchmark times the real s
 levers (fused Adam with an on-device skip, host reads every `train.sync_every` steps, compile,
 channels_last, `train.d_concat`) are described in docs/design.md, "The training step on the GPU".
 
-DDP and the BatchNorm discriminator (see docs/design.md): D runs twice (fake, then real) before
-one backward, so D's DDP wrapper must not broadcast buffers before each forward: that in-place
-write to BatchNorm's running statistics invalidates the first forward's saved tensors on CUDA.
-D's running statistics are never used (D always runs in training mode), so letting them differ
-per rank is harmless. In the G step, D is called *unwrapped* with its parameters frozen: no DDP
-reducer is involved, so toggling requires_grad cannot confuse gradient reduction, and no time is
-spent on D's weight gradients. G keeps buffer broadcasting: its running statistics are what
-inference uses, and rank 0's are saved.
+DDP and the BatchNorm discriminator: D's DDP wrapper does not broadcast buffers, and the G step
+calls D unwrapped with its parameters frozen; why: docs/design.md, "DDP and the BatchNorm
+discriminator".
 """
 
 from __future__ import annotations

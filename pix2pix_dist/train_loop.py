@@ -3,18 +3,23 @@
 One iteration is one batch per process: a D step, then a G step (pix2pix's order). Progress is
 counted in iterations (`step`), which also fixes the position in the data stream, so a resumed
 run continues with exactly the batches it would have seen.
-The step itself (and the DDP design for the BatchNorm discriminator) is in gan_step.py.
+The step itself (and the DDP design for the BatchNorm discriminator) is in gan_step.py; what a
+checkpoint holds and how it is restored, in checkpoints.py. Failure handling (locks, signals,
+one-line errors per rank): docs/design.md, "Failures, signals and locks".
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import functools
 import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -25,14 +30,16 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write
-from .checkpoints import (CheckpointError, latest_loadable, list_checkpoints, load_checkpoint,
-                          save_checkpoint, set_rng_state)
+from .checkpoints import CheckpointManager, checkpoint_root
 from .config import Config, ConfigError, parse_command
 from .data import DataError, build_loader, lab_to_rgb
 from .data.shards_index import find_shards
 from .evaluate import TrainingEval
 from .export import ExportError, generator_meta
 from .gan_step import GanStep, build_networks
+from .locking import FolderLock, LockError
+from .ranks import (PARENT_DIED, RankError, agree, die_with_parent, peer_failed, rank_and_world,
+                    report_error)
 from .recipe import Recipe, resolve_recipe
 from .inference import inference_copy, predict_ab
 from .tracking import RunTracker, check_tracker, tracker_for
@@ -52,25 +59,30 @@ class TrainResult:
     discriminator: nn.Module
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RankError):
     """The run cannot go on (e.g. too many non-finite losses); reported as one line."""
 
 
 class StopFlag:
-    """Turns SIGTERM/SIGINT into a flag checked between steps; a second signal acts as usual."""
+    """Turns SIGTERM, SIGINT and the parent-death signal into a flag checked between steps, so
+    the run saves and stops at the next step boundary. Only a second Ctrl-C stops at once:
+    SIGTERM often arrives twice (SLURM signals every process of the step, and the launcher
+    passes its own SIGTERM on), and the parent-death signal once per launcher thread."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        for sig in (signal.SIGTERM, signal.SIGINT, PARENT_DIED):
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. SIGHUP under nohup
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
         self.signal = signum
-        signal.signal(signum, self._previous[signum])  # type: ignore[arg-type]
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous[signum])  # type: ignore[arg-type]
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
@@ -127,49 +139,27 @@ def fixed_sample_batch(cfg: Config, device: torch.device) -> tuple[torch.Tensor,
     raise DataError(f"no shards in {cfg.data.shards}; write them with `make shards`")
 
 
-def choose_checkpoint(cfg: Config, run_dir: Path, rank: int) -> Path | None:
-    """The checkpoint to resume from, chosen by rank 0 and sent to all ranks: ranks that looked
-    on their own could see different listings (network file systems lag) and diverge."""
-    from accelerate.utils import broadcast_object_list
-
-    chosen: list[str | None] = [None]
-    if rank == 0:
-        existing = list_checkpoints(run_dir)
-        if cfg.ckpt.resume == "never" and existing:
-            raise CheckpointError(
-                f"{run_dir} already holds checkpoints up to {existing[-1].name} and "
-                f"ckpt.resume=never would overwrite that run; choose a new run_dir, or "
-                f"ckpt.resume=auto to continue it")
-        if cfg.ckpt.resume == "auto":
-            found = latest_loadable(run_dir)
-            chosen[0] = str(found) if found else None
-        elif cfg.ckpt.resume != "never":
-            chosen[0] = cfg.ckpt.resume
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        broadcast_object_list(chosen, from_process=0)
-    return Path(chosen[0]) if chosen[0] else None
-
-
-def _check_same_global_batch(state: dict, recipe: Recipe, path: Path) -> None:
-    """Resuming on another number of processes keeps the schedule only with the same global
-    batch (data.global_batch splits itself; a pinned data.batch_size does not)."""
-    saved = state.get("global_batch")
-    if saved is not None and saved != recipe.global_batch:
-        raise CheckpointError(
-            f"{path} was trained with a global batch of {saved}, this run's is "
-            f"{recipe.global_batch} ({recipe.batch_per_process}/process x {recipe.world_size}); "
-            f"resuming would change the recipe. Set data.global_batch={saved} without "
-            f"data.batch_size, or use a new run_dir")
-
-
-def _check_same_model(state: dict, cfg: Config, path: Path) -> None:
-    saved = state.get("model", {})
-    changed = {k: (v, getattr(cfg.model, k)) for k, v in saved.items()
-               if getattr(cfg.model, k, v) != v}
-    if changed:
-        what = ", ".join(f"model.{k}={new!r} (checkpoint: {old!r})" for k, (old, new) in changed.items())
-        raise CheckpointError(f"{path} was saved with a different model: {what}; use the "
-                              f"checkpoint's settings or a new run_dir")
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path, accelerator) -> Iterator[None]:
+    """Global rank 0 holds the run folder's lock for the whole run (one training per folder, also
+    across nodes on shared storage) and checks that it can write there, before data or models
+    load; every rank raises the same one-line error otherwise."""
+    lock, error = FolderLock(run_dir, "training"), None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()  # creates the folder, and fails on a read-only one
+            checkpoint_root(run_dir).mkdir(exist_ok=True)
+            with tempfile.TemporaryFile(dir=checkpoint_root(run_dir)):
+                pass
+        except LockError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"cannot write to the run folder {run_dir}: {exc.strerror or exc}"
+    try:
+        agree(error, TrainingError)
+        yield
+    finally:
+        lock.release()
 
 
 def write_status(run_dir: Path, state: str, step: int) -> None:
@@ -179,12 +169,17 @@ def write_status(run_dir: Path, state: str, step: int) -> None:
 
 def train(cfg: Config) -> TrainResult:
     check_tracker(cfg.log.tracker)
+    die_with_parent()  # a SIGKILLed launcher must not leave this rank training on its own
     accelerator = make_accelerator(cfg)
+    recipe = recipe_for(cfg, accelerator.num_processes)  # before any folder is made
+    with claim_run_dir(Path(cfg.run_dir), accelerator):
+        return _train(cfg, accelerator, recipe)
+
+
+def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_process = accelerator.is_main_process
-    recipe = recipe_for(cfg, world)  # before any folder is made: a recipe error is one line
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     say = accelerator.print
 
     if cfg.train.deterministic:
@@ -205,26 +200,10 @@ def train(cfg: Config) -> TrainResult:
     nets = build_networks(cfg, accelerator)
     G_raw, D_raw = nets.G_raw, nets.D_raw
     step_fn = GanStep(accelerator, nets, cfg.optim, d_concat=cfg.train.d_concat)
-    start_step, nonfinite = 0, 0
-    resumed_from = choose_checkpoint(cfg, run_dir, rank)
-    if resumed_from is not None:
-        # Every rank loads the file rank 0 chose, so DDP replicas stay identical.
-        state, rng = load_checkpoint(resumed_from, rank)
-        _check_same_model(state, cfg, resumed_from)
-        _check_same_global_batch(state, recipe, resumed_from)
-        G_raw.load_state_dict(state["G"])
-        D_raw.load_state_dict(state["D"])
-        nets.opt_G.load_state_dict(state["opt_G"])
-        nets.opt_D.load_state_dict(state["opt_D"])
-        if state.get("scaler") and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        start_step, nonfinite = int(state["step"]), int(state["nonfinite"])
-        if rng is not None:
-            set_rng_state(rng)
-        else:  # resumed with more processes than saved: fresh noise for the new ranks
-            set_seed(cfg.train.seed + start_step, device_specific=True)
-    else:
-        set_seed(cfg.train.seed, device_specific=True)  # different dropout noise per rank
+    ckpt = CheckpointManager(run_dir, nets, accelerator, model=dataclasses.asdict(cfg.model),
+                             recipe=recipe, generator_meta=functools.partial(generator_meta, cfg),
+                             keep=cfg.ckpt.keep)
+    start_step, nonfinite = ckpt.resume(cfg.ckpt.resume, seed=cfg.train.seed)
 
     if start_step >= recipe.steps:
         say(f"already trained {start_step} of {recipe.steps} steps in {run_dir}; nothing to "
@@ -233,22 +212,11 @@ def train(cfg: Config) -> TrainResult:
     if main_process:
         cfg.save(run_dir / "config.json")
     tracker = RunTracker(accelerator, cfg, run_dir, resume_step=start_step)
-    if resumed_from is not None:
-        say(f"resumed from {resumed_from} at step {start_step}")
+    if ckpt.resumed_from is not None:
+        say(f"resumed from {ckpt.resumed_from} at step {start_step}")
     say(f"training on {world} process(es), {device.type}, input backend {loader.backend}, "
         f"run folder {run_dir}")
     say(recipe.describe())
-
-    def save(step: int) -> Path:
-        state = {
-            "G": G_raw.state_dict(), "D": D_raw.state_dict(),
-            "opt_G": nets.opt_G.state_dict(), "opt_D": nets.opt_D.state_dict(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-            "step": step, "nonfinite": nonfinite, "model": dataclasses.asdict(cfg.model),
-            "global_batch": recipe.global_batch,
-        }
-        return save_checkpoint(run_dir, step, state, G_raw, generator_meta(cfg, step), rank=rank,
-                               barrier=accelerator.wait_for_everyone, keep=cfg.ckpt.keep)
 
     def log_samples(step: int) -> None:
         if not main_process:
@@ -289,13 +257,14 @@ def train(cfg: Config) -> TrainResult:
             sums["n"] += result.ok
             if result.skipped:
                 nonfinite += result.skipped
+                ckpt.check_finite(step)  # NaN weights never heal: stop now, not at the limit
                 say(f"warning: non-finite loss in {result.skipped} step(s) up to step {step}; "
                     f"update skipped ({nonfinite} so far)")
                 if nonfinite >= cfg.train.max_nonfinite:
                     raise TrainingError(
                         f"{nonfinite} steps had non-finite losses (train.max_nonfinite="
                         f"{cfg.train.max_nonfinite}); stopping. Try train.mixed_precision=bf16 or "
-                        f"a lower optim.lr, and resume from the last checkpoint")
+                        f"a lower optim.lr: {ckpt.advice()}", all_ranks=True)
 
             if progress is not None:
                 progress.update(1)
@@ -322,9 +291,9 @@ def train(cfg: Config) -> TrainResult:
                 stopped = True
                 break
             if step % cfg.ckpt.every == 0 and step < recipe.steps:
-                save(step)
+                ckpt.save(step, nonfinite)
 
-        path = save(step)
+        path = ckpt.save(step, nonfinite)
     if progress is not None:
         progress.close()
     tracker.close()
@@ -380,8 +349,16 @@ def _show(progress, say, step: int, total: int, scalars: dict[str, float]) -> No
         say(f"step {step}/{total}  {brief}")
 
 
+# Files and folders can fail in these ways whatever the code does (a full disk, a read-only
+# or foreign folder): one line, exit 2. Other OSErrors are bugs and keep their traceback.
+_USER_FIXABLE_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every failure a user can act on ends as one line (`error: [rank R] ...` from the rank that
+    hit it when several run), exit code 2; errors every rank agreed on are printed by rank 0."""
     argv = sys.argv[1:] if argv is None else argv
+    rank, world = rank_and_world()
     try:
         cfg, dry_run = parse_command(argv)
         if dry_run:  # no Accelerator: the launcher's WORLD_SIZE is the world size
@@ -390,12 +367,33 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{recipe.describe()}\ndry run: nothing was built or trained")
             return 0
         train(cfg)
-    except (ConfigError, DataError, CheckpointError, ExportError, TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except RankError as exc:
+        if not exc.all_ranks or rank == 0:
+            report_error(str(exc))
+        return 2
+    except ConfigError as exc:  # the same argv on every rank: one report is enough
+        if rank == 0:
+            report_error(str(exc))
+        return 2
+    except (DataError, ExportError) as exc:
+        report_error(str(exc))
+        return 2
+    except OSError as exc:
+        if exc.errno not in _USER_FIXABLE_OS_ERRORS:
+            raise
+        report_error(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C while the checkpoint was being written
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if world == 1 or not peer_failed(exc):
+            raise
+        # Another rank died: its own error line says why. No error file for the launcher
+        # here, so its failure summary keeps pointing at that rank's line.
+        print(f"[rank {rank}] stopped: another training process failed or was killed",
+              file=sys.stderr, flush=True)
+        return 1
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

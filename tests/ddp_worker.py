@@ -1,6 +1,15 @@
-"""One DDP worker for tests/test_training.py: train, then dump this rank's view.
+"""One DDP worker for the multi-process tests: train, then dump this rank's view.
 
-Started by `accelerate launch --multi_gpu --num_processes 2` (gloo on a machine without CUDA)."""
+Started by `accelerate launch --multi_gpu --num_processes 2` (gloo on a machine without CUDA):
+    ddp_worker.py OUT [key=value ...]      train, then write OUT/rank{R}.json and OUT/rank{R}.pt
+    ddp_worker.py --fail RANK:STEP [key=value ...]
+                                           run train.py's main(), with rank RANK's input stream
+                                           raising the DataError a damaged shard raises at STEP
+    ddp_worker.py --nan-after STEP [key=value ...]
+                                           run train.py's main(), with a NaN written into one
+                                           generator weight after STEP's update (as a diverging
+                                           run would leave it)
+"""
 
 import json
 import sys
@@ -8,12 +17,64 @@ from pathlib import Path
 
 import torch
 
+from pix2pix_dist import train_loop
 from pix2pix_dist.config import parse_args
-from pix2pix_dist.data import build_loader
+from pix2pix_dist.data import DataError, build_loader
 from pix2pix_dist.train_loop import train
 
 
+class FailingLoader:
+    """A real loader whose stream breaks after `fail_at` batches, as a truncated shard does."""
+
+    def __init__(self, loader, fail_at: int) -> None:
+        self._loader, self._fail_at, self._served = loader, fail_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self):
+        for batch in self._loader:
+            self._served += 1  # over all epochs
+            if self._served >= self._fail_at:
+                raise DataError("shard train-000001.tar is truncated at byte 4096 (injected)")
+            yield batch
+
+
+def run_failing(spec: str, argv: list[str]) -> int:
+    fail_rank, fail_step = (int(x) for x in spec.split(":"))
+
+    def build(data, split, *, rank, **kwargs):
+        loader = build_loader(data, split, rank=rank, **kwargs)
+        return FailingLoader(loader, fail_step) if split == "train" and rank == fail_rank else loader
+
+    train_loop.build_loader = build
+    return train_loop.main(argv)
+
+
+def run_diverging(after: int, argv: list[str]) -> int:
+    class DivergingStep(train_loop.GanStep):
+        steps = 0
+
+        def __call__(self, *args, **kwargs):
+            result = super().__call__(*args, **kwargs)
+            DivergingStep.steps += 1
+            if DivergingStep.steps == after:
+                with torch.no_grad():
+                    next(self.nets.G_raw.parameters()).view(-1)[0] = float("nan")
+            return result
+
+    train_loop.GanStep = DivergingStep
+    return train_loop.main(argv)
+
+
 def main() -> None:
+    if sys.argv[1] == "--fail":
+        sys.exit(run_failing(sys.argv[2], sys.argv[3:]))
+    if sys.argv[1] == "--nan-after":
+        sys.exit(run_diverging(int(sys.argv[2]), sys.argv[3:]))
     out = Path(sys.argv[1])
     cfg = parse_args(sys.argv[2:])
     result = train(cfg)
