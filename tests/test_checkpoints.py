@@ -18,6 +18,7 @@ from pix2pix_dist.checkpoints import (MANIFEST, CheckpointError, CheckpointManag
 from pix2pix_dist.config import Config
 from pix2pix_dist.export import generator_meta
 from pix2pix_dist.gan_step import build_networks
+from pix2pix_dist.recipe import resolve_recipe
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,7 @@ def manager(run_dir, accelerator, cfg: Config | None = None, keep: int = 5) -> C
     torch.manual_seed(0)
     nets = build_networks(cfg, accelerator)
     return CheckpointManager(run_dir, nets, accelerator, model=dataclasses.asdict(cfg.model),
+                             recipe=resolve_recipe(cfg, 1, train_images=64),
                              generator_meta=functools.partial(generator_meta, cfg), keep=keep)
 
 
@@ -140,6 +142,14 @@ def test_model_settings_that_changed_appeared_or_vanished_are_refused(tmp_path, 
         renamed.resume("auto", seed=0)
     assert "model.depth=3 is not in the checkpoint" in str(info.value)
     assert "model.dropout is no longer a setting (checkpoint: True)" in str(info.value)
+
+
+def test_another_global_batch_is_refused(tmp_path, accelerator):
+    manager(tmp_path, accelerator).save(2, nonfinite=0)
+    bigger = tiny_config()
+    bigger.data.global_batch *= 2
+    with pytest.raises(CheckpointError, match="was trained with a global batch of 16, this run's is 32"):
+        manager(tmp_path, accelerator, bigger).resume("auto", seed=0)
 
 
 def test_non_finite_weights_are_never_saved_and_the_last_good_one_is_named(tmp_path, accelerator):
