@@ -198,7 +198,7 @@ def test_two_gloo_ranks_skip_a_non_finite_step_together(tmp_path):
 
 @pytest.mark.slow  # a training run
 def test_the_loop_reads_skipped_steps_every_sync_every_steps(sample_shards, tmp_path):
-    # Every step is non-finite (NaN weights); with train.sync_every=4 the host first hears of it
+    # Every step is non-finite (NaN targets); with train.sync_every=4 the host first hears of it
     # at step 4, all four at once, and stops there (train.max_nonfinite=3).
     proc = run_python(["tests/nan_worker.py", "data.load_size=64", "data.crop_size=64",
                        "model.num_downs=6", "model.ngf=8", "model.ndf=8", "data.batch_size=2",
