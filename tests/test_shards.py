@@ -19,7 +19,7 @@ from PIL import Image
 
 from pix2pix_dist.shards import ShardError, ShardOptions, build_shards, verify_shards
 from pix2pix_dist.shards.build import val_count
-from pix2pix_dist.shards.index import index_from_tar
+from pix2pix_dist.shard_format import index_from_tar
 from pix2pix_dist.shards.images import jpeg_sof
 from pix2pix_dist.shards.options import parse_max_bytes, parse_shard_size
 from pix2pix_dist.shards.sources import Source, Candidate, assign_keys, sample_dir

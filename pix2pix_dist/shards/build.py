@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -29,20 +28,18 @@ from typing import Any, Callable
 
 import pix2pix_dist
 
+from ..atomic import atomic_write
+from ..locking import FolderLock
+from ..shard_format import (FORMAT, MANIFEST, PROGRESS, SHARD_FILE, SPLITS, ManifestError, load_manifest,
+                            manifest_records, shard_name)
 from .errors import ShardError
 from .images import ImageSettings
 from .options import ShardLimit, ShardOptions, parse_max_bytes, parse_shard_size, validate
 from .pool import Executor, Result, Task
 from .progress import Progress
-from .sources import Source, assign_keys, open_source
-from ..atomic import atomic_write
+from .sources import SAMPLE, Source, assign_keys, display_name, open_source
 from .writer import TarShard, file_sha256, sample_nbytes
 
-FORMAT = "pix2pix_dist-shards/1"
-MANIFEST = "manifest.json"
-PROGRESS = "progress.json"
-SPLITS = ("train", "val")
-SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.(tar|idx)(\.tmp)?$")
 MAX_EXAMPLES = 5
 
 
@@ -88,7 +85,7 @@ class SplitWriter:
         self.unpublished: list[TarShard] = []
 
     def path(self, i: int) -> Path:
-        return self.out / f"{self.split}-{i:06d}.tar"
+        return self.out / shard_name(self.split, i)
 
     def add(self, pos: int, key: str, files: list[tuple[str, bytes]]) -> bool:
         """Append a sample; True when this completed a shard (time to checkpoint)."""
@@ -139,11 +136,40 @@ def _fresh_state(fingerprint: str, nstreams: int) -> dict[str, Any]:
 
 
 def _load_state(out: Path) -> dict[str, Any] | None:
+    """The progress record of an earlier run here, None when there is none. A progress.json we
+    cannot read is refused, not overwritten: it may be damaged, or another tool's file."""
+    path = out / PROGRESS
     try:
-        state = json.loads((out / PROGRESS).read_text())
-        return state if isinstance(state, dict) and state.get("format") == FORMAT else None
-    except (OSError, ValueError):
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} progress record")
+        return state
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{path} is unreadable ({e}): damaged, or written by another tool; move it "
+                         f"away (with any shards it describes) or choose another --output") from None
+
+
+def _owned_files(out: Path, state: dict[str, Any] | None) -> set[str]:
+    """Shard files this tool wrote here, by the records of the earlier run (progress.json and
+    manifest.json): the only shard files it may replace or remove."""
+    try:
+        records = manifest_records(load_manifest(out))[0]
+    except ManifestError:
+        records = []
+    if state is not None:
+        records += [(s, r) for s in SPLITS for r in state["splits"][s]["shards"]]
+    return {r[k] for _, r in records for k in ("tar", "index")}
+
+
+def _refuse_foreign_files(out: Path, owned: set[str]) -> None:
+    foreign = sorted(p.name for p in out.iterdir()
+                     if SHARD_FILE.match(p.name) and not p.name.endswith(".tmp") and p.name not in owned)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise ShardError(f"{out} holds {foreign[0]}{more}, not written by this tool (no progress.json or "
+                         f"manifest.json of ours lists it); move it away or choose another --output")
 
 
 def _shard_intact(out: Path, rec: dict[str, Any]) -> bool:
@@ -168,10 +194,9 @@ def _prepare_output(out: Path) -> None:
         raise ShardError(f"output folder is not writable: {out} ({e.strerror or e})") from None
 
 
-def _remove_shard_files(out: Path, keep: set[str] = frozenset()) -> None:
-    for p in out.iterdir():
-        if SHARD_FILE.match(p.name) and p.name not in keep:
-            p.unlink(missing_ok=True)
+def _remove_files(out: Path, names: set[str]) -> None:
+    for name in names:
+        (out / name).unlink(missing_ok=True)
 
 
 class Builder:
@@ -181,11 +206,11 @@ class Builder:
         self.limit = parse_shard_size(opts.shard_size)
         self.settings = ImageSettings(min_size=opts.min_size, resize=opts.resize, quality=opts.quality,
                                       gray_tolerance=opts.gray_tolerance,
-                                      max_bytes=parse_max_bytes(opts.max_bytes))
+                                      max_bytes=parse_max_bytes(opts.max_bytes), max_pixels=opts.max_pixels)
         self.workers = opts.workers or os.cpu_count() or 1
 
         # Sources are listed before the output is touched: a missing or empty source leaves nothing.
-        sources = [open_source(opts.source)]
+        sources = [open_source(SAMPLE if opts.source is None else opts.source)]
         if opts.val_source is not None:
             sources.append(open_source(opts.val_source))
             if sources[1].path == sources[0].path:
@@ -209,7 +234,7 @@ class Builder:
     def resolved_args(self) -> dict[str, Any]:
         """Options as resolved for this run, for the manifest. `workers` and `progress` are left
         out on purpose: they cannot change the output, so the manifest does not depend on them."""
-        args = {k: v for k, v in asdict(self.opts).items() if k not in ("workers", "progress")}
+        args = {k: v for k, v in asdict(self.opts).items() if k not in ("workers", "progress", "verify")}
         args["source"] = str(self.sources[0].path) if self.sources[0].kind != "sample" else "sample"
         args["source_dir"] = str(self.sources[0].path)
         args["val_source"] = str(self.sources[1].path) if len(self.sources) > 1 else None
@@ -251,7 +276,7 @@ class Builder:
         ex = self.state["skipped_examples"].setdefault(reason, [])
         if len(ex) < MAX_EXAMPLES:
             where = r.relpath if len(self.sources) == 1 else f"{self.sources[r.stream].name}/{r.relpath}"
-            ex.append(where)
+            ex.append(display_name(where))
 
     def _split_stream(self, split: str) -> Stream:
         return next(st for st in self.streams if st.split in (split, None))
@@ -260,7 +285,13 @@ class Builder:
 
     def run(self) -> dict[str, Any]:
         _prepare_output(self.out)
+        with FolderLock(self.out, "shard writer"):
+            return self._run_locked()
+
+    def _run_locked(self) -> dict[str, Any]:
         state = _load_state(self.out)
+        owned = _owned_files(self.out, state)
+        _refuse_foreign_files(self.out, owned)
         if state is not None and state.get("fingerprint") == self.fingerprint:
             self.state = state
             kept, bad = self._check_complete_shards()
@@ -277,8 +308,11 @@ class Builder:
             self.log(f"options or source files changed: rebuilding all shards in {self.out}")
         (self.out / MANIFEST).unlink(missing_ok=True)
         (self.out / PROGRESS).unlink(missing_ok=True)
-        _remove_shard_files(self.out)
+        _remove_files(self.out, owned)
         self.state = _fresh_state(self.fingerprint, len(self.streams))
+        for si, src in enumerate(self.sources):  # counted once per build, like unreadable files
+            for folder in src.unreadable_folders:
+                self._skip(Result(si, -1, folder, "", None, "unreadable", "folder cannot be listed"))
         return self._produce([])
 
     def _produce(self, bad: list[tuple[str, int]]) -> dict[str, Any]:
@@ -298,13 +332,11 @@ class Builder:
             self.state["done"] = True
             self._checkpoint()
         except BaseException:
+            executor.close(terminate=True)  # nothing waits on a killed worker's pipe: see pool.py
             for w in self.writers.values():
                 w.abort()
             raise
-        finally:
-            executor.close(terminate=True)
-        keep = {r[k] for s in SPLITS for r in self.state["splits"][s]["shards"] for k in ("tar", "index")}
-        _remove_shard_files(self.out, keep)  # e.g. leftovers of an earlier, larger run
+        executor.close()
         accepted = sum(len(r["members"]) for s in SPLITS for r in self.state["splits"][s]["shards"])
         if accepted == 0:
             (self.out / PROGRESS).unlink(missing_ok=True)
@@ -331,7 +363,7 @@ class Builder:
             try:
                 for r in executor.map(stream.task(p) for p in rec["members"]):
                     if r.files is None:
-                        raise _SourceChanged(r.relpath)
+                        raise _SourceChanged(display_name(r.relpath))
                     shard.add(r.key, r.files)
                 if shard.finish()["sha256"] != rec["sha256"]:
                     raise _SourceChanged(f"an image of {rec['tar']}")  # same names and sizes, new bytes
@@ -347,7 +379,7 @@ class Builder:
             stream = self._split_stream(s)
             for r in executor.map(stream.task(p) for p in self.state["splits"][s]["open"]):
                 if r.files is None:
-                    raise _SourceChanged(r.relpath)
+                    raise _SourceChanged(display_name(r.relpath))
                 w.add(r.pos, r.key, r.files)
 
     def _run_stream(self, executor: Executor, stream: Stream) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,37 +13,52 @@ _UNITS = {"": None, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10,
 
 @dataclass
 class ShardOptions:
-    source: str | os.PathLike = "sample"
-    """'sample' (skimage's photos), an image folder (recursive) or a zip such as train2017.zip."""
+    """Options of `make shards`, declared once: the command line is derived from these fields."""
+
+    source: str | None = None
+    """Image folder (searched recursively: jpg jpeg png webp bmp tif tiff gif, any case), a zip such
+    as COCO's train2017.zip (read in place), or 'sample' for scikit-image's photos. Default: sample;
+    with --verify and no --source, only the existing --output folder is verified."""
     output: Path | None = None
-    """Output folder; None gives shards/<dataset> (dataset = 'sample' or the folder/zip stem)."""
-    val_source: str | os.PathLike | None = None
-    """Separate validation images (e.g. COCO val2017); None splits `source` by `val_fraction`."""
+    """Output folder (default: shards/<dataset>, dataset = 'sample' or the folder/zip name)."""
+    val_source: str | None = None
+    """Separate validation images (e.g. val2017): val is exactly these and --val-fraction is not
+    used. Default: split --source by --val-fraction."""
     val_fraction: float = 0.2
-    """Share of the samples that go to val (0 <= f < 1); at least one when f > 0 and n >= 2.
-    Unused with `val_source`: then val is exactly that source."""
+    """Share of samples for val, 0 <= F < 1; at least one when F > 0 and there are >= 2; ignored
+    with --val-source."""
     limit: int | None = None
-    """Total samples to write (train + val), a seeded random subset; None takes everything.
-    With `val_source` it is divided between the two sources in proportion to their file counts."""
+    """Write N samples in total (train + val), a random subset chosen by --seed; with --val-source,
+    N is shared between the sources in proportion to their image counts. Default: all."""
     seed: int = 0
-    """Seed of the subset, the split and the write-time shuffle."""
+    """Seed of subset, split and shuffle."""
     shard_size: str | int = "256MB"
-    """Max shard size: '<n>MB' / 'GB' / 'MiB'... in bytes, or '<n>' / int samples per shard."""
+    """Max tar size: 256MB, 1GB, 512MiB..., or a plain number of samples per tar."""
     resize: int | None = None
-    """Downscale so that the shorter side is this (never upscales); None keeps the size."""
+    """Downscale (Lanczos) so the shorter side is N; smaller images are kept as they are.
+    Default: keep the size."""
     quality: int = 95
     """JPEG quality for re-encoded images (originals that need no change keep their bytes)."""
     min_size: int = 64
     """Drop images whose shorter side is below this many pixels."""
-    workers: int | None = None
-    """Decode/convert processes; None = os.cpu_count(). Output does not depend on it."""
-    progress: bool = True
-    """Progress bar (TTY) or a few status lines (non-TTY) and notices on stderr."""
     gray_tolerance: int = 10
-    """Channel spread (max-min of R,G,B, 0..255) below which a pixel counts as gray."""
+    """A pixel is gray when max(R,G,B) - min(R,G,B) <= T; images with <= 1% non-gray pixels are
+    dropped."""
     max_bytes: str | int = "64MB"
-    """Files larger than this ('64MB', '1GiB' or a number of bytes) are skipped as `too_large`
-    without being read: a zip bomb or a huge scan must not exhaust a worker's memory."""
+    """Skip files larger than this (64MB, 1GB or bytes) as too_large, without reading them: zip
+    bombs, huge scans."""
+    max_pixels: int = 50_000_000
+    """Skip images with more pixels than this (width x height, read from the header) as too_large,
+    before decoding: a small PNG can claim 13000x13000 pixels, gigabytes once decoded. 50 MP takes
+    every camera photo; each worker then needs at most about 1 GB."""
+    workers: int | None = None
+    """Decode/convert processes (default: all cores); the output does not depend on it."""
+    progress: bool = True
+    """Progress bar (terminal) or a status line every 30 s (logs) and notices on stderr;
+    --no-progress prints only errors and the summary."""
+    verify: bool = False
+    """Re-read every shard and index afterwards (checksums, offsets, JPEG decoding); with no
+    --source, only verify the existing --output folder."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,8 @@ def validate(opts: ShardOptions) -> None:
         raise ShardError(f"--resize {opts.resize} is below --min-size {opts.min_size}")
     if opts.workers is not None and opts.workers < 1:
         raise ShardError(f"--workers must be >= 1, got {opts.workers}")
+    if opts.max_pixels < 1:
+        raise ShardError(f"--max-pixels must be >= 1, got {opts.max_pixels}")
     if not 0 <= opts.gray_tolerance <= 255:
         raise ShardError(f"--gray-tolerance must be in 0..255, got {opts.gray_tolerance}")
     parse_shard_size(opts.shard_size)

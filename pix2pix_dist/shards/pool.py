@@ -1,31 +1,197 @@
-"""Parallel decode/convert with ordered, bounded results.
+"""Worker processes with ordered, bounded results, that cannot hang and cannot outlive us.
 
 Results come back in submission order (so the shards do not depend on the number of workers or
-on scheduling), and only a fixed window of tasks is in flight (so memory stays bounded even when
-the tar writer is slower than the decoders; `Executor.map` of concurrent.futures would submit
-the whole dataset up front).
+on scheduling), and only a fixed window of jobs is in flight (so memory stays bounded even when
+the tar writer is slower than the decoders).
 
-`concurrent.futures.ProcessPoolExecutor`, not `multiprocessing.Pool`: when a worker dies (OOM
-killer, a decoder segfault) the former fails every pending future with BrokenProcessPool, while
-the latter silently replaces the worker and leaves `.get()` waiting forever for its lost task.
+Why our own small pool instead of `concurrent.futures.ProcessPoolExecutor` (see docs/design.md,
+"Shard writer processes"): the executor reads results in a manager thread from one pipe that
+all workers share. A worker ended while writing a multi-MB result (`terminate()` on the way
+out, the OOM killer) leaves half a message in that pipe, the thread waits in `recv()` forever
+for the rest, and interpreter exit joins the thread: `make shards` hung after it had finished.
+Here each worker has its own pipes, the calling thread reads them itself, and the parent holds
+no write end of a result pipe: a worker that dies mid-message gives EOF at once, never a wait.
+Workers die with the parent (PR_SET_PDEATHSIG, plus a parent-pid check as a fallback), so a
+SIGKILLed writer leaves no orphans.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import multiprocessing as mp
+import os
 import signal
 import zipfile
 from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from itertools import islice
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from .errors import ShardError
 from .images import Converted, ImageSettings, convert_image
-from .sources import Reader
+from .sources import NOT_REGULAR, NotRegularFile, Reader, display_name
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent still exists
+
+
+class WorkerDied(Exception):
+    """A worker process ended while the pool was in use; `job` is what it was working on (None
+    when it held no job)."""
+
+    def __init__(self, job: Any) -> None:
+        super().__init__(job)
+        self.job = job
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux); elsewhere the idle-time
+    parent-pid check in `_worker_main` does it, a little later."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
+
+
+def _worker_main(handler: Callable[[Any], Any], jobs: Connection, results: Connection, parent: int) -> None:
+    _die_with_parent(parent)
+    # Ctrl-C reaches the whole process group: the parent handles it once, cleanly, instead of
+    # every worker printing a KeyboardInterrupt traceback. SIGTERM simply ends a worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    while True:
+        while not jobs.poll(PARENT_CHECK_S):
+            if os.getppid() != parent:
+                os._exit(1)
+        job = jobs.recv()
+        if job is None:
+            return
+        try:
+            out: tuple[bool, Any] = (True, handler(job))
+        except Exception as e:  # handed to the parent, which raises it
+            out = (False, e)
+        results.send(out)
+
+
+@dataclass
+class _Worker:
+    process: Any
+    jobs: Connection
+    results: Connection
+    pending: deque  # (sequence number, job) sent to this worker, oldest first
+
+
+class WorkerPool:
+    """`workers` processes running `handler(job)` (a picklable callable) on jobs from `map`."""
+
+    def __init__(self, handler: Callable[[Any], Any], workers: int, jobs_per_worker: int = 2) -> None:
+        # "spawn": a fresh interpreter per worker, whatever threads (DALI, torch) the parent runs;
+        # fork would copy locks held by those threads. The parent is then the worker's real parent.
+        ctx = mp.get_context("spawn")
+        self.jobs_per_worker = jobs_per_worker
+        self.workers: list[_Worker] = []
+        try:
+            for _ in range(workers):
+                job_r, job_w = ctx.Pipe(duplex=False)
+                res_r, res_w = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_worker_main, args=(handler, job_r, res_w, os.getpid()), daemon=True)
+                p.start()
+                job_r.close()
+                res_w.close()  # the worker holds the only write end: its death is EOF here
+                self.workers.append(_Worker(p, job_w, res_r, deque()))
+        except BaseException:
+            self.close(terminate=True)
+            raise
+
+    def map(self, jobs: Iterable[Any]) -> Iterator[Any]:
+        """handler(job) for each job, in order. Raises WorkerDied when a worker ends; stop
+        iterating early at will (call close() afterwards)."""
+        it = iter(jobs)
+        done: dict[int, Any] = {}
+        sent = received = 0
+        exhausted = False
+
+        def dispatch() -> None:
+            nonlocal sent, exhausted
+            while not exhausted:
+                w = min(self.workers, key=lambda w: len(w.pending))
+                if len(w.pending) >= self.jobs_per_worker:
+                    return
+                job = next(it, None)
+                if job is None:
+                    exhausted = True
+                    return
+                w.pending.append((sent, job))
+                try:
+                    w.jobs.send(job)
+                except OSError:
+                    raise WorkerDied(job) from None
+                sent += 1
+
+        dispatch()
+        while received < sent:
+            if received in done:
+                ok, value = done.pop(received)
+                received += 1
+                if not ok:
+                    raise value
+                yield value
+                dispatch()
+                continue
+            for w in self._ready():
+                seq, job = w.pending[0] if w.pending else (None, None)
+                try:
+                    out = w.results.recv()
+                except (EOFError, OSError):  # died, possibly half-way through a message
+                    raise WorkerDied(job) from None
+                w.pending.popleft()
+                done[seq] = out
+
+    def _ready(self) -> list[_Worker]:
+        """Workers with a result to read; raises WorkerDied for one that exited."""
+        by_conn = {w.results: w for w in self.workers}
+        by_sentinel = {w.process.sentinel: w for w in self.workers}
+        ready = wait(list(by_conn) + list(by_sentinel))
+        out = [by_conn[r] for r in ready if r in by_conn]
+        for r in ready:
+            w = by_sentinel.get(r)
+            if w is not None and w not in out and not w.results.poll():
+                raise WorkerDied(w.pending[0][1] if w.pending else None)
+        return out
+
+    def close(self, terminate: bool = False) -> None:
+        """Stop the workers. Normally each finishes (and we read and drop) what it was sent, so
+        no worker is ever killed half-way through writing a result; with `terminate` (an error
+        or Ctrl-C) they are killed at once, which is safe because nothing waits on their pipes."""
+        for w in self.workers:
+            if not terminate:
+                try:
+                    while w.pending:
+                        w.results.recv()
+                        w.pending.popleft()
+                    w.jobs.send(None)
+                except (EOFError, OSError):  # it died meanwhile: nothing left to wait for
+                    terminate = True
+        for w in self.workers:
+            if terminate and w.process.is_alive():
+                w.process.kill()
+            w.process.join(timeout=10)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join()
+            w.jobs.close()
+            w.results.close()
+        self.workers = []
+
+
+# -- the shard writer's jobs ----------------------------------------------------------------------
 
 
 class Task(NamedTuple):
@@ -34,7 +200,8 @@ class Task(NamedTuple):
     relpath: str
     key: str
     size: int
-    """Size as listed (file size / zip member size): too large ones are skipped unread."""
+    """Size as listed (file size / zip member size; NOT_REGULAR for FIFOs, sockets, devices):
+    too large ones and non-regular files are skipped unopened."""
 
 
 class Result(NamedTuple):
@@ -48,16 +215,42 @@ class Result(NamedTuple):
     detail: str | None
 
 
-_readers: list[Reader] = []
-_settings = ImageSettings()
+class Converter:
+    """Reads and converts candidates: one per process (a zip is opened once, on first use)."""
 
+    def __init__(self, sources: list[tuple[str, str]], settings: ImageSettings) -> None:
+        self.readers = [Reader(kind, Path(path)) for kind, path in sources]
+        self.settings = settings
 
-def worker_signals() -> None:
-    """Worker initializer part: Ctrl-C reaches the whole process group, and the main process
-    handles it once, cleanly, instead of every worker printing a KeyboardInterrupt traceback.
-    SIGTERM (sent by `close(terminate=True)`) must simply end a worker, whatever the CLI installed."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    def __call__(self, tasks: list[Task]) -> list[Result]:
+        return [self.process(t) for t in tasks]
+
+    def process(self, task: Task) -> Result:
+        """Read, validate and convert one candidate; every failure becomes a skip reason."""
+        limit = self.settings.max_bytes
+        if task.size == NOT_REGULAR:
+            return Result(*task[:4], None, "not_a_file", "FIFO, socket or device: not opened")
+        if task.size > limit:  # checked before reading: a zip bomb or a huge file is never inflated
+            return Result(*task[:4], None, "too_large", f"{task.size} bytes > --max-bytes {limit}")
+        try:
+            data = self.readers[task.stream].read(task.relpath, limit)
+        except NotRegularFile as e:  # replaced by a FIFO since it was listed
+            return Result(*task[:4], None, "not_a_file", str(e))
+        except zipfile.BadZipFile as e:  # e.g. CRC mismatch of a damaged member
+            return Result(*task[:4], None, "corrupt", str(e))
+        except (OSError, KeyError, RuntimeError, ValueError) as e:
+            return Result(*task[:4], None, "unreadable", f"{type(e).__name__}: {e}")
+        if len(data) > limit:  # the file grew since it was listed
+            return Result(*task[:4], None, "too_large", f"more than --max-bytes {limit}")
+        try:
+            out = convert_image(data, self.settings)
+        except Exception as e:  # a PIL plugin bug on a hostile file must not end a 118k-image run
+            return Result(*task[:4], None, "corrupt", f"{type(e).__name__}: {e}")
+        if not isinstance(out, Converted):
+            return Result(*task[:4], None, out.reason, out.detail)
+        meta = {"key": task.key, "source": task.relpath, **out.meta}
+        meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+        return Result(*task[:4], [("jpg", out.jpeg), ("json", meta_bytes)], None, None)
 
 
 def worker_died(what: str) -> ShardError:
@@ -65,108 +258,35 @@ def worker_died(what: str) -> ShardError:
                       f"shards are kept, run the same command again to resume")
 
 
-def start_pool(workers: int, initializer: Callable[..., None], initargs: tuple = ()) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(workers, initializer=initializer, initargs=initargs)
-
-
-def stop_pool(pool: ProcessPoolExecutor, terminate: bool) -> None:
-    """Shut down; with `terminate`, end the workers now instead of letting them finish the tasks
-    already queued (Ctrl-C or an error: their results would be thrown away anyway)."""
-    # No public API for this before Python 3.14 (`terminate_workers`): the process table it is.
-    procs = list((getattr(pool, "_processes", None) or {}).values()) if terminate else []
-    pool.shutdown(wait=not terminate, cancel_futures=True)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join()
-
-
-def _init_worker(sources: list[tuple[str, str]], settings: ImageSettings, ignore_sigint: bool) -> None:
-    global _readers, _settings
-    if ignore_sigint:
-        worker_signals()
-    _readers = [Reader(kind, Path(path)) for kind, path in sources]
-    _settings = settings
-
-
-def process(task: Task) -> Result:
-    """Read, validate and convert one candidate; every failure becomes a skip reason."""
-    limit = _settings.max_bytes
-    if task.size > limit:  # checked before reading: a zip bomb or a huge file is never inflated
-        return Result(*task[:4], None, "too_large", f"{task.size} bytes > --max-bytes {limit}")
-    try:
-        data = _readers[task.stream].read(task.relpath, limit)
-    except zipfile.BadZipFile as e:  # e.g. CRC mismatch of a damaged member
-        return Result(*task[:4], None, "corrupt", str(e))
-    except (OSError, KeyError, RuntimeError, ValueError) as e:
-        return Result(*task[:4], None, "unreadable", f"{type(e).__name__}: {e}")
-    if len(data) > limit:  # the file grew since it was listed
-        return Result(*task[:4], None, "too_large", f"more than --max-bytes {limit}")
-    try:
-        out = convert_image(data, _settings)
-    except Exception as e:  # a PIL plugin bug on a hostile file must not end a 118k-image run
-        return Result(*task[:4], None, "corrupt", f"{type(e).__name__}: {e}")
-    if not isinstance(out, Converted):
-        return Result(*task[:4], None, out.reason, out.detail)
-    meta = {"key": task.key, "source": task.relpath, **out.meta}
-    meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-    return Result(*task[:4], [("jpg", out.jpeg), ("json", meta_bytes)], None, None)
-
-
-def _process_batch(tasks: list[Task]) -> list[Result]:
-    return [process(t) for t in tasks]
-
-
 class Executor:
-    """`workers` processes (or the calling process when workers == 1)."""
+    """Converts tasks in `workers` processes (in the calling process when workers == 1)."""
 
     def __init__(self, sources: list[tuple[str, str]], settings: ImageSettings, workers: int,
-                 batch: int = 8, window_per_worker: int = 4):
-        self.sources = sources
-        self.batch = batch
-        self.window = max(2, workers * window_per_worker)
-        self.pool: ProcessPoolExecutor | None = None
-        if workers > 1:
-            self.pool = start_pool(workers, _init_worker, (sources, settings, True))
-        else:
-            _init_worker(sources, settings, False)
+                 batch: int = 8) -> None:
+        self.sources, self.batch = sources, batch
+        self.converter = Converter(sources, settings)
+        self.pool = WorkerPool(self.converter, workers) if workers > 1 else None
 
     def map(self, tasks: Iterable[Task]) -> Iterator[Result]:
         """Results in task order. Stop iterating early at will: leftovers are discarded."""
         if self.pool is None:
-            for t in tasks:
-                yield process(t)
+            yield from map(self.converter.process, tasks)
             return
         it = iter(tasks)
-        pending: deque[tuple[list[Task], Future[Any]]] = deque()
-
-        def submit() -> None:
-            chunk = list(islice(it, self.batch))
-            if chunk:
-                try:
-                    pending.append((chunk, self.pool.submit(_process_batch, chunk)))  # type: ignore[union-attr]
-                except BrokenProcessPool:
-                    raise worker_died(self._where(chunk)) from None
-
-        for _ in range(self.window):
-            submit()
-        while pending:
-            chunk, future = pending.popleft()
-            try:
-                results = future.result()
-            except BrokenProcessPool:
-                # The pool cannot tell which task killed it; this batch is the oldest unfinished one.
-                raise worker_died(self._where(chunk)) from None
-            submit()
-            yield from results
+        chunks = iter(lambda: list(islice(it, self.batch)), [])
+        try:
+            for results in self.pool.map(chunks):
+                yield from results
+        except WorkerDied as e:
+            # Exactly the batch the dead worker held (the pool cannot tell which of its images).
+            raise worker_died(self._where(e.job) if e.job else f"an image of {self.sources[0][1]}") from None
 
     def _where(self, chunk: list[Task]) -> str:
         first = chunk[0]
-        where = f"{self.sources[first.stream][1]}/{first.relpath}"
+        where = display_name(f"{self.sources[first.stream][1]}/{first.relpath}")
         return where if len(chunk) == 1 else f"{where} (or one of the next {len(chunk) - 1} images)"
 
     def close(self, terminate: bool = False) -> None:
         if self.pool is not None:
-            stop_pool(self.pool, terminate)
+            self.pool.close(terminate)
             self.pool = None

@@ -18,6 +18,7 @@ from .errors import ShardError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SAMPLE = "sample"
+NOT_REGULAR = -2  # Candidate.size of a FIFO, socket or device: skipped as `not_a_file`, never opened
 MAX_KEY_LEN = 80  # "<key>.json" must fit a plain ustar name (100 bytes): no PAX/GNU headers
 
 
@@ -26,7 +27,8 @@ class Candidate:
     relpath: str
     """Path relative to the source root (zip: the member name), '/'-separated."""
     size: int
-    """File size in bytes as listed, -1 when unknown (part of the source fingerprint used to resume)."""
+    """File size in bytes as listed, -1 when unknown, NOT_REGULAR for a FIFO, socket or device
+    (part of the source fingerprint used to resume)."""
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Source:
     name: str
     """Dataset name used for the default output folder: 'sample', or the folder/zip stem."""
     candidates: list[Candidate] = field(default_factory=list)
+    unreadable_folders: list[str] = field(default_factory=list)
+    """Subfolders that could not be listed ('a/b/'): counted as `unreadable` skips, not dropped."""
 
     def fingerprint(self) -> str:
         """Hash of the file list (names and sizes): a resumed run must see the same files."""
@@ -61,10 +65,11 @@ def _has_image_ext(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk(root: Path) -> list[Candidate]:
-    """Recursive listing that follows directory symlinks (datasets are often symlinked in)
-    without looping forever on a link cycle."""
+def _walk(root: Path) -> tuple[list[Candidate], list[str]]:
+    """(candidates, subfolders that could not be listed): a recursive listing that follows
+    directory symlinks (datasets are often symlinked in) without looping forever on a cycle."""
     out: list[Candidate] = []
+    unreadable: list[str] = []
     seen: set[tuple[int, int]] = set()
     stack = [(root, "")]
     while stack:
@@ -76,7 +81,10 @@ def _walk(root: Path) -> list[Candidate]:
             seen.add((st.st_dev, st.st_ino))
             entries = list(os.scandir(folder))
         except OSError:
-            continue  # unreadable folder: nothing we can list
+            if folder == root:
+                raise ShardError(f"cannot list source folder {root}") from None
+            unreadable.append(prefix)
+            continue
         for e in entries:
             if _is_hidden(e.name):
                 continue
@@ -96,10 +104,10 @@ def _walk(root: Path) -> list[Candidate]:
                 # reading it fails and it is counted as `unreadable` instead of vanishing silently.
                 out.append(Candidate(rel, -1))
                 continue
-            if stat.S_ISREG(info.st_mode):  # not a FIFO or device named *.jpg: reading could block
-                out.append(Candidate(rel, info.st_size))
+            # A FIFO or device named *.jpg is listed but never opened: reading could block.
+            out.append(Candidate(rel, info.st_size if stat.S_ISREG(info.st_mode) else NOT_REGULAR))
     out.sort(key=lambda c: c.relpath)
-    return out
+    return out, sorted(unreadable)
 
 
 def _list_zip(path: Path) -> list[Candidate]:
@@ -107,7 +115,7 @@ def _list_zip(path: Path) -> list[Candidate]:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
     except (zipfile.BadZipFile, OSError) as e:
-        raise ShardError(f"cannot read zip {path}: {e}") from None
+        raise ShardError(f"damaged zip {path}: {e} (download it again)") from None
     by_name: dict[str, Candidate] = {}
     for info in infos:
         name = info.filename
@@ -122,15 +130,16 @@ def open_source(spec: str | os.PathLike) -> Source:
     """Resolve `spec` ('sample', a folder or a .zip) and list its image files."""
     if str(spec) == SAMPLE:
         root = sample_dir()
-        src = Source("sample", root, SAMPLE, _walk(root))
+        src = Source("sample", root, SAMPLE, *_walk(root))
     else:
         path = Path(spec).expanduser()
         if not path.exists():
             raise ShardError(f"source not found: {spec}")
         path = path.resolve()
         if path.is_dir():
-            src = Source("folder", path, path.name or "images", _walk(path))
-        elif path.is_file() and zipfile.is_zipfile(path):
+            src = Source("folder", path, path.name or "images", *_walk(path))
+        elif path.is_file() and (zipfile.is_zipfile(path) or _looks_like_zip(path)):
+            # A damaged zip (cut short: no central directory) is named as such by _list_zip.
             src = Source("zip", path, path.stem, _list_zip(path))
         else:
             raise ShardError(f"source must be an image folder, a .zip of images or 'sample': {spec}")
@@ -138,6 +147,21 @@ def open_source(spec: str | os.PathLike) -> Source:
         exts = ", ".join(IMAGE_EXTENSIONS)
         raise ShardError(f"no images in {spec} (looked for {exts}, in subfolders too)")
     return src
+
+
+def display_name(relpath: str) -> str:
+    """A file name as it can be printed and stored in JSON: bytes that are not UTF-8 as \\xNN,
+    control characters (a newline in a name...) escaped, so one name stays on one line."""
+    text = relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _looks_like_zip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return path.suffix.lower() == ".zip" or f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
@@ -203,11 +227,20 @@ class Reader:
         self._zip: zipfile.ZipFile | None = None
 
     def read(self, relpath: str, limit: int) -> bytes:
-        """The file's bytes, at most limit + 1 of them (more than `limit` means too large)."""
+        """The file's bytes, at most limit + 1 of them (more than `limit` means too large).
+        Raises NotRegularFile for a file that became a FIFO/device since it was listed."""
         if self.kind == "zip":
             if self._zip is None:
                 self._zip = zipfile.ZipFile(self.path)
             with self._zip.open(relpath) as f:
                 return f.read(limit + 1)
-        with open(self.path / relpath, "rb") as f:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it unread.
+        fd = os.open(self.path / relpath, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotRegularFile(f"{relpath} is not a regular file")
             return f.read(limit + 1)
+
+
+class NotRegularFile(OSError):
+    """A FIFO, socket or device where an image file was listed."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .build import SPLITS
+from ..shard_format import SPLITS
 
 
 def _mb(n: int) -> str:

@@ -13,16 +13,15 @@ import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .build import FORMAT, MANIFEST, SHARD_FILE, SPLITS
+from ..shard_format import (MANIFEST, SHARD_FILE, ManifestError, group_samples, load_manifest,
+                             manifest_records, render_index, sample_entry, split_name)
 from .errors import ShardError
-from .index import group_samples, render_index, sample_entry, split_name
-from .pool import start_pool, stop_pool, worker_signals
+from .pool import WorkerDied, WorkerPool
 from .writer import file_sha256
 
 
@@ -111,60 +110,22 @@ def _verify_job(job: tuple[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
     return _verify_shard(Path(job[0]), job[1])
 
 
-# What a shard record must hold, and of which type, before any of it is used.
-_RECORD_FIELDS = {"tar": str, "index": str, "samples": int, "bytes": int, "sha256": str}
-
-
-def _shard_records(manifest: Any) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
-    """((split, record) of every well-formed shard record, problems with the rest).
-
-    The manifest is read from disk, so any part of it may be damaged or hand-edited: each level
-    is type-checked here and reported as a problem, never left to raise later. Names must be
-    plain shard file names: a record cannot point verify outside the output folder.
-    """
-    if not isinstance(manifest, dict):
-        return [], [f"{MANIFEST}: not a JSON object"]
-    splits = manifest.get("splits")
-    if not isinstance(splits, dict):
-        return [], [f"{MANIFEST}: 'splits' is {splits!r}, expected an object with {' and '.join(SPLITS)}"]
-    records, problems = [], []
-    for s in SPLITS:
-        info = splits.get(s)
-        shards = info.get("shards") if isinstance(info, dict) else None
-        if not isinstance(shards, list):
-            problems.append(f"{MANIFEST}: split {s!r} has no list of shards")
-            continue
-        for i, rec in enumerate(shards):
-            bad = [k for k, t in _RECORD_FIELDS.items()
-                   if not isinstance(rec, dict) or not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool)]
-            if not bad and not all(SHARD_FILE.match(rec[k]) for k in ("tar", "index")):
-                bad = ["tar", "index"]
-            if bad:
-                problems.append(f"{MANIFEST}: {s} shard {i} has missing or invalid {', '.join(bad)}")
-            else:
-                records.append((s, rec))
-        total = sum(r.get("samples", 0) for r in shards if isinstance(r, dict) and isinstance(r.get("samples"), int))
-        if info.get("samples") != total:
-            problems.append(f"{MANIFEST}: {s} samples {info.get('samples')} != sum over its shards {total}")
-    return records, problems
-
-
 def _run_jobs(jobs: list[tuple[str, dict[str, Any]]], workers: int) -> list[tuple[list[str], list[str]]]:
     if workers <= 1:
         return [_verify_job(j) for j in jobs]
-    pool = start_pool(workers, worker_signals)
+    pool = WorkerPool(_verify_job, workers)
     try:
-        futures = [pool.submit(_verify_job, j) for j in jobs]
-        results = []
-        for job, future in zip(jobs, futures):
-            try:
-                results.append(future.result())
-            except BrokenProcessPool:
-                raise ShardError(f"a worker process died (out of memory?) while verifying {job[1]['tar']}; "
-                                 f"run again, or with --workers 1") from None
-        return results
-    finally:
-        stop_pool(pool, terminate=True)
+        results = list(pool.map(jobs))
+    except WorkerDied as e:
+        pool.close(terminate=True)
+        what = e.job[1]["tar"] if e.job else "the shards"
+        raise ShardError(f"a worker process died (out of memory?) while verifying {what}; "
+                         f"run again, or with --workers 1") from None
+    except BaseException:
+        pool.close(terminate=True)
+        raise
+    pool.close()
+    return results
 
 
 def verify_shards(output: Path, workers: int | None = None) -> list[str]:
@@ -173,14 +134,10 @@ def verify_shards(output: Path, workers: int | None = None) -> list[str]:
     if not out.is_dir():
         return [f"{out}: no such folder"]
     try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except FileNotFoundError:
-        return [f"{out / MANIFEST}: missing (no finished build here)"]
-    except ValueError as e:
-        return [f"{out / MANIFEST}: not valid JSON ({e})"]
-    records, problems = _shard_records(manifest)
-    if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
-        problems.insert(0, f"{MANIFEST}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+        manifest = load_manifest(out)
+    except ManifestError as e:
+        return [str(e)]
+    records, problems = manifest_records(manifest)
     jobs = [(str(out), rec) for _, rec in records]
     results = _run_jobs(jobs, min(workers or os.cpu_count() or 1, max(1, len(jobs))))
     seen: dict[str, str] = {}

@@ -1,8 +1,9 @@
 """Streaming, deterministic, atomic tar shard writer that also produces the DALI index.
 
-Why hand-rolled headers instead of `tarfile.add`: we need each member's data offset for the
-index (known as we write, so no second pass over the tar), a sha256 computed while streaming,
-and fixed metadata (mtime/uid/gid/names/mode) so identical inputs give identical bytes.
+Why hand-rolled headers instead of `tarfile.add` or webdataset's `TarWriter`: we need each
+member's data offset for the index (known as we write, so no second pass over the tar), a sha256
+computed while streaming, and fixed metadata (mtime/uid/gid/names/mode) so identical inputs give
+identical bytes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import fsync_dir
-from .index import component, render_index
+from ..shard_format import component, index_name, render_index
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # GNU tar and Python's tarfile pad archives to 10 KiB records
@@ -41,7 +42,7 @@ class TarShard:
 
     def __init__(self, tar_path: Path):
         self.tar_path = tar_path
-        self.idx_path = tar_path.with_suffix(".idx")
+        self.idx_path = tar_path.with_name(index_name(tar_path.name))
         self.tmp = tar_path.with_name(tar_path.name + ".tmp")
         self.idx_tmp = self.idx_path.with_name(self.idx_path.name + ".tmp")
         self._f = open(self.tmp, "wb")
