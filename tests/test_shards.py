@@ -528,24 +528,36 @@ def assert_rerun_resumes(out: Path, args: list[str], reference: ShardOptions) ->
     assert shard_files(out) == shard_files(reference.output)
 
 
-def test_ctrl_c_on_cli_is_one_line_and_resumable(many_pngs, tmp_path):
-    src = many_pngs
-    out = tmp_path / "out"
-    args = ["--source", str(src), "--output", str(out), "--shard-size", "2", "--workers", "1", "--no-progress"]
-    proc = subprocess.Popen([PY, "-m", "pix2pix_dist.shards", *args], cwd=REPO, stdout=subprocess.PIPE,
+def start_cli(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "pix2pix_dist.shards", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not (out / "train-000000.tar").exists() and time.monotonic() < deadline and proc.poll() is None:
+
+
+def stop_after_first_shard(proc: subprocess.Popen, out: Path) -> None:
+    """Freeze the writer (SIGSTOP) once its first shard exists: whatever the test does next
+    happens mid-run, however fast the machine, with no race to lose."""
+    deadline = time.monotonic() + 60
+    while not (out / "train-000000.tar").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the writer ended before its first shard"
         time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before it could be interrupted")
+    os.kill(proc.pid, signal.SIGSTOP)
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_cli_is_one_line_and_resumable(many_pngs, tmp_path):
+    out = tmp_path / "out"
+    args = ["--source", str(many_pngs), "--output", str(out), "--shard-size", "2", "--workers", "1", "--no-progress"]
+    proc = start_cli(args)
+    stop_after_first_shard(proc, out)
+    proc.send_signal(signal.SIGINT)  # delivered when it continues, mid-run
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines() == [
         "interrupted: complete shards are kept; run the same command again to resume"]
-    assert_rerun_resumes(out, args, reference=opts(src, tmp_path / "ref", shard_size=2, workers=2))
+    assert_rerun_resumes(out, args, reference=opts(many_pngs, tmp_path / "ref", shard_size=2, workers=2))
 
 
+@pytest.mark.slow
 def test_killed_worker_is_one_line_error_and_resumable(many_pngs, tmp_path):
     """A worker killed by the OOM killer (here: SIGKILL) must end the run, not hang it forever."""
     import psutil
@@ -553,24 +565,17 @@ def test_killed_worker_is_one_line_error_and_resumable(many_pngs, tmp_path):
     out = tmp_path / "out"
     args = ["--source", str(many_pngs), "--output", str(out), "--shard-size", "2", "--workers", "2",
             "--no-progress", "--resize", "150"]
-    proc = subprocess.Popen([PY, "-m", "pix2pix_dist.shards", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not (out / "train-000000.tar").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    try:
-        workers = psutil.Process(proc.pid).children()
-    except psutil.NoSuchProcess:
-        workers = []
-    if workers:
-        os.kill(workers[0].pid, signal.SIGKILL)
+    proc = start_cli(args)
+    stop_after_first_shard(proc, out)
+    workers = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    os.kill(workers[0].pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGCONT)
     try:
         _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail("the writer hangs after a worker process died")
-    if proc.returncode == 0:
-        pytest.skip("the run finished before a worker could be killed")
     lines = err.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, err
     assert lines[0].startswith("error: a worker process died (out of memory?) while processing ")
@@ -580,18 +585,244 @@ def test_killed_worker_is_one_line_error_and_resumable(many_pngs, tmp_path):
                                                     workers=1, resize=150))
 
 
+@pytest.mark.slow
+def test_sigkilled_writer_leaves_no_workers(many_pngs, tmp_path):
+    """SIGKILL of the main process (no handler runs): its workers notice and exit."""
+    import psutil
+
+    out = tmp_path / "out"
+    proc = start_cli(["--source", str(many_pngs), "--output", str(out), "--shard-size", "2",
+                      "--workers", "2", "--no-progress"])
+    stop_after_first_shard(proc, out)  # workers are running, and blocked once their pipes fill
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= 2
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, [p.pid for p in alive]
+
+
 def test_broken_pool_becomes_shard_error(tmp_path):
-    """The mapping itself, through a real process pool whose worker exits mid-task."""
+    """The mapping itself, through a real process pool whose worker is killed (as by the OOM
+    killer: no exception, just gone)."""
     from pix2pix_dist.shards.images import ImageSettings
     from pix2pix_dist.shards.pool import Executor, Task
 
     (tmp_path / "a.png").write_bytes(b"x")
     ex = Executor([("folder", str(tmp_path))], ImageSettings(), workers=2)
     try:
-        ex.pool.submit(os._exit, 1)  # the way an OOM-killed worker leaves: no exception, just gone
+        assert [r.reason for r in ex.map([Task(0, 0, "a.png", "k", 1)])] == ["not_an_image"]
+        victim = ex.pool.workers[1].process
+        victim.kill()
+        victim.join()
         with pytest.raises(ShardError, match=r"a worker process died \(out of memory\?\) while processing .*a.png"):
-            for _ in range(50):
-                list(ex.map([Task(0, i, "a.png", f"k{i}", 1) for i in range(20)]))
-                time.sleep(0.05)
+            list(ex.map([Task(0, i, "a.png", f"k{i}", 1) for i in range(40)]))
     finally:
         ex.close(terminate=True)
+
+
+def _wait_until_mid_message(conn, size: int) -> None:
+    """Until half the pipe's buffer holds the start of a `size`-byte message: with size far above
+    the pipe's capacity (64 KiB) and nobody reading, the worker is then blocked half-way."""
+    import fcntl
+    import termios
+
+    capacity = fcntl.fcntl(conn.fileno(), 1032)  # F_GETPIPE_SZ
+    assert size > 4 * capacity
+    deadline = time.monotonic() + 30
+    while True:
+        queued = fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        if int.from_bytes(queued, sys.byteorder) >= capacity // 2:
+            return
+        assert time.monotonic() < deadline, "the worker never started writing its result"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("how", ["killed mid-message", "terminate", "normal close"])
+def test_half_written_result_never_hangs(how):
+    """The `make shards` hang: a worker stopped half-way through writing a multi-MB result must
+    not leave anything waiting for the rest. Made deterministic by filling the pipe first."""
+    from pix2pix_dist.shards.pool import WorkerDied, WorkerPool
+
+    pool = WorkerPool(bytes, workers=1)  # bytes(n): an n-byte result, like a batch of JPEGs
+    results = pool.map([10, 4_000_000, 10])
+    try:
+        assert next(results) == bytes(10)  # the 4 MB result is now being written, and blocks
+        _wait_until_mid_message(pool.workers[0].results, 4_000_000)
+        t0 = time.monotonic()
+        if how == "killed mid-message":
+            pool.workers[0].process.kill()
+            with pytest.raises(WorkerDied) as err:
+                next(results)
+            assert err.value.job == 4_000_000
+        elif how == "terminate":
+            pool.close(terminate=True)
+        else:  # the success path reads the rest and lets the worker finish, killing nothing
+            pool.close()
+        assert time.monotonic() - t0 < 10
+    finally:
+        pool.close(terminate=True)
+
+
+def test_limit_with_large_results_exits_after_success(tmp_path):
+    """The reported reproduction: --limit stops the stream while multi-MB results are in flight."""
+    src = tmp_path / "big"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):  # noise JPEGs of ~1.5 MB each, kept as they are (baseline RGB)
+        Image.fromarray(rng.integers(0, 256, (700, 800, 3), dtype=np.uint8)).save(src / f"{i}.jpg", quality=95)
+    r = run_cli("--source", str(src), "--output", str(tmp_path / "o"), "--limit", "2", "--workers", "2",
+                "--shard-size", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "wrote 2 samples" in r.stdout
+
+
+# -- what the writer refuses, locks and counts ---------------------------------------------------
+
+
+def test_foreign_shard_files_are_never_replaced(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes(b"another tool's data")
+    r = run_cli("--source", "sample", "--output", str(out), "--limit", "3", "--no-progress")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "train-000000.tar" in r.stderr and "not written by this tool" in r.stderr
+    assert (out / "train-000000.tar").read_bytes() == b"another tool's data"
+    # Our own earlier output is ours to replace: a different seed rebuilds it without a word.
+    (out / "train-000000.tar").unlink()
+    build_shards(opts("sample", out, limit=3))
+    build_shards(opts("sample", out, limit=3, seed=1))
+    assert verify_shards(out) == []
+
+
+def test_unreadable_progress_file_is_refused_with_its_reason(tmp_path):
+    out = tmp_path / "out"
+    build_shards(opts("sample", out, limit=3))
+    (out / "progress.json").write_text("{half a rec")
+    with pytest.raises(ShardError, match=r"progress.json is unreadable \(Expecting"):
+        build_shards(opts("sample", out, limit=3))
+    assert (out / "progress.json").read_text() == "{half a rec"
+
+
+def test_second_writer_and_verify_are_refused_while_one_writes(tmp_path):
+    """Two processes: this one holds the output folder as a writer does; the CLI is refused."""
+    from pix2pix_dist.locking import FolderLock
+
+    out = tmp_path / "out"
+    build_shards(opts("sample", out, limit=3))
+    with FolderLock(out, "shard writer"):
+        for args in (["--source", "sample", "--limit", "3"], ["--verify"]):
+            r = run_cli(*args, "--output", str(out), "--no-progress")
+            assert r.returncode == 2, r.stderr
+            assert r.stderr.count("\n") == 1 and "in use by another shard writer" in r.stderr
+            assert f"pid {os.getpid()}" in r.stderr
+    assert run_cli("--verify", "--output", str(out)).returncode == 0
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """A PNG of a uint16 (H,W) or (H,W,3) array, 16 bits per sample (PIL cannot write 48-bit RGB)."""
+    import struct
+    import zlib
+
+    colour = 2 if array.ndim == 3 else 0
+    rows = array.reshape(array.shape[0], -1).astype(">u2").tobytes()
+    stride = array[0].size * 2
+    raw = b"".join(b"\0" + rows[i * stride:(i + 1) * stride] for i in range(array.shape[0]))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", array.shape[1], array.shape[0], 16, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A palette PNG that claims width x height but holds almost no data: decoding it would be
+    reported as truncated, so `too_large` proves it was refused from the header."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)
+    body = [(b"IHDR", ihdr), (b"PLTE", bytes(range(48))), (b"IDAT", zlib.compress(bytes(1000)))]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d)) for k, d in body)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    from pix2pix_dist.shards.images import load_rgb8
+
+    colour = (np.asarray(photo("coffee.png"), dtype=np.uint16) * 257)  # 8-bit values, 16-bit range
+    gray = (np.asarray(photo("coffee.png").convert("L"), dtype=np.uint16) * 257)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "colour16.png").write_bytes(png_bytes(colour))
+    (src / "gray16.png").write_bytes(png_bytes(gray))
+    assert Image.open(src / "gray16.png").mode.startswith("I")
+    m = build_shards(opts(src, tmp_path / "o", val_fraction=0.0))
+    assert m["skipped"] == {"grayscale": 1} and m["skipped_examples"]["grayscale"] == ["gray16.png"]
+    jpg, _ = read_samples(tmp_path / "o", "train")["colour16"]
+    decoded = np.asarray(Image.open(io.BytesIO(jpg)), dtype=np.int16)
+    assert np.abs(decoded - colour // 257).mean() < 3  # the photo's colours, not white or black
+    # The shared decoder (colorize uses it): 16-bit gray scaled to 8 bit, not clipped to white.
+    assert np.array_equal(np.asarray(load_rgb8(src / "gray16.png", 10**8))[..., 0], gray // 257)
+    assert np.array_equal(np.asarray(load_rgb8((src / "colour16.png").read_bytes(), 10**8)), colour // 257)
+
+
+def test_pixel_bombs_are_counted_too_large_undecoded(tmp_path):
+    from pix2pix_dist.shards.images import TooManyPixels, load_rgb8
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "bomb.png").write_bytes(png_header_only(13000, 13000))  # 169 MP in ~1 KB
+    (src / "good.jpg").write_bytes(jpeg_bytes(photo("coffee.png")))
+    m = build_shards(opts(src, tmp_path / "o", val_fraction=0.0))
+    assert m["skipped"] == {"too_large": 1} and m["args"]["max_pixels"] == 50_000_000
+    # Above PIL's own bomb limit (2 x 89 MP) with a generous --max-pixels: still a counted skip.
+    (src / "bomb.png").write_bytes(png_header_only(20000, 20000))
+    m = build_shards(opts(src, tmp_path / "o2", val_fraction=0.0, max_pixels=10**12))
+    assert m["skipped"] == {"too_large": 1}
+    with pytest.raises(TooManyPixels, match="13000x13000"):
+        load_rgb8(png_header_only(13000, 13000), 50_000_000)
+    r = run_cli("--source", str(src), "--output", str(tmp_path / "o3"), "--max-pixels", "0", "--no-progress")
+    assert r.returncode == 2 and "--max-pixels" in r.stderr
+
+
+def test_fifos_and_unlistable_folders_are_counted_never_opened(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.jpg").write_bytes(jpeg_bytes(photo("coffee.png")))
+    os.mkfifo(src / "pipe.jpg")  # opening it for reading would block forever
+    # A folder whose path exceeds PATH_MAX: listing it fails (ENAMETOOLONG) even for root.
+    fd = os.open(src, os.O_RDONLY)
+    for _ in range(17):
+        os.mkdir("d" * 250, dir_fd=fd)
+        fd, parent = os.open("d" * 250, os.O_RDONLY, dir_fd=fd), fd
+        os.close(parent)
+    os.close(fd)
+    m = build_shards(opts(src, tmp_path / "o", val_fraction=0.0, workers=2))
+    assert m["skipped"] == {"not_a_file": 1, "unreadable": 1}, m["skipped"]
+    assert m["skipped_examples"]["not_a_file"] == ["pipe.jpg"]
+    assert m["skipped_examples"]["unreadable"][0].endswith("d/")
+    assert m["splits"]["train"]["samples"] == 1
+
+
+def test_odd_file_names_and_damaged_zips(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.jpg").write_bytes(jpeg_bytes(photo("coffee.png")))
+    (src / "line\nbreak.jpg").write_bytes(b"not an image at all, just text")
+    with open(os.fsencode(src) + b"/caf\xe9.jpg", "wb") as f:
+        f.write(b"\x00\x01 binary junk")
+    r = run_cli("--source", str(src), "--output", str(tmp_path / "o"), "--val-fraction", "0", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "line\\nbreak.jpg" in r.stdout and "caf\\xe9.jpg" in r.stdout
+    assert "Traceback" not in r.stderr
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert sorted(sum(manifest["skipped_examples"].values(), [])) == ["caf\\xe9.jpg", "line\\nbreak.jpg"]
+    # A zip cut short (no central directory) is named as a damaged zip, not as "not a source".
+    zpath = tmp_path / "train2017.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("train2017/1.jpg", jpeg_bytes(photo("coffee.png")))
+    zpath.write_bytes(zpath.read_bytes()[:-30])
+    r = run_cli("--source", str(zpath), "--output", str(tmp_path / "z"), "--no-progress")
+    assert r.returncode == 2 and r.stderr.startswith(f"error: damaged zip {zpath}") and r.stderr.count("\n") == 1
