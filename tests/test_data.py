@@ -6,6 +6,7 @@ corrupt samples are under control; one test reads the real shard writer's output
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -55,8 +56,9 @@ def write_shards(out: Path, split: str, count: int, per_shard: int, *, corrupt: 
         if index:
             subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tar.with_suffix(".idx"))],
                            check=True, capture_output=True)
-        entries.append({"tar": tar.name, "index": tar.with_suffix(".idx").name if index else None,
-                        "samples": min(count, first + per_shard) - first})
+        entries.append({"tar": tar.name, "index": tar.with_suffix(".idx").name,
+                        "samples": min(count, first + per_shard) - first, "bytes": tar.stat().st_size,
+                        "sha256": hashlib.sha256(tar.read_bytes()).hexdigest()})
     if manifest:
         path = out / "manifest.json"
         data = json.loads(path.read_text()) if path.exists() else {
@@ -233,9 +235,9 @@ def test_auto_falls_back_to_torch_without_dali(shards, monkeypatch, capsys):
     ld = loader(shards, "auto")
     assert ld.backend == "dali"  # installed here
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed
-    monkeypatch.setattr("pix2pix_dist.data.loader._notice_shown", False)
     assert loader(shards, "auto").backend == "torch"
     assert loader(shards, "auto", rank=1, world=2).backend == "torch"
+    assert loader(shards, "auto", "val").backend == "torch"
     assert capsys.readouterr().out.count("DALI is not installed") == 1
     with pytest.raises(DataError, match="nvidia-dali"):
         loader(shards, "dali")
@@ -279,5 +281,20 @@ def test_malformed_manifest_entry_is_a_one_line_error(sample_shards, tmp_path):
     manifest = json.loads((broken / "manifest.json").read_text())
     del manifest["splits"]["train"]["shards"][0]["tar"]
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="malformed shard entry"):
+    with pytest.raises(DataError, match="is malformed .*train shard 0 has missing or invalid tar"):
         find_shards(broken, "train")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("manifest", [True, False])
+def test_shard_truncated_after_writing_is_one_line(tmp_path, backend, manifest):
+    """With a manifest the size check names it before any pipeline starts; without one (another
+    tool's shards) each backend's own read error becomes the same kind of one-line DataError."""
+    write_shards(tmp_path, "train", 12, per_shard=6, manifest=manifest)
+    tar = tmp_path / "train-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:3000])
+    with pytest.raises(DataError) as err:
+        epoch(loader(tmp_path, backend, batch_size=2))
+    message = str(err.value)
+    assert "\n" not in message and "train-000001.tar" in message and "make shards" in message, message
+    assert ("truncated or changed" if manifest else "is damaged") in message

@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..shard_format import group_samples, split_name
 from .errors import BenchError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def index_tar_images(tars: list[Path]) -> list[tuple[str, int, int]]:
@@ -24,9 +25,9 @@ def index_tar_images(tars: list[Path]) -> list[tuple[str, int, int]]:
     items = []
     for tar in tars:
         with tarfile.open(tar) as tf:
-            for m in tf:
-                if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES):
-                    items.append((str(tar), m.offset_data, m.size))
+            for _, members in group_samples(tf):
+                items += [(str(tar), m.offset_data, m.size) for m in members
+                          if split_name(m.name)[1].lower() in IMAGE_EXTENSIONS]
     return items
 
 

@@ -124,7 +124,11 @@ class DaliBatches:
         """`count` batches of epoch `epoch`: (uint8 (B,3,S,S) on the device, keys or None)."""
         if (self._iter is None or not self.train or self.exact_epochs
                 or epoch != self._next_epoch or with_keys != self._with_keys):
-            self._start(epoch, with_keys)
+            try:
+                self._start(epoch, with_keys)  # the iterator prefetches: errors can come from here
+            except RuntimeError as exc:
+                self._iter = None
+                raise self._decode_error(exc) from None
         self._next_epoch = epoch + 1
         for _ in range(count):
             try:
@@ -151,10 +155,10 @@ class DaliBatches:
     def _decode_error(self, exc: RuntimeError) -> DataError:
         # DALI's message is a multi-line traceback; keep its one informative line.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = next((line for line in lines if "failure" in line), lines[0] if lines else "error")
+        reason = next((line for line in lines if "failure" in line or "failed: " in line), lines[0] if lines else "error")
+        reason = reason.split("failed: ", 1)[-1]  # DALI's assertion text before it is C++ source
         start, stop = rank_range(self.shards.total, self.world_size, self.rank)
-        bad = find_undecodable(self.shards, start, stop)
-        where = f"{bad[0].name}/{bad[1]} does not decode" if bad else "no undecodable JPEG found by a CPU scan"
+        where = find_undecodable(self.shards, start, stop) or "no undecodable JPEG found by a CPU scan"
         return DataError(f"DALI failed on rank {self.rank}'s part of {self.shards.root} "
                          f"({self.shards.split}): {reason}; {where}. Rewrite the shards with "
                          f"`make shards`, or use data.backend=torch, which skips corrupt samples")

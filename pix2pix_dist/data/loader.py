@@ -60,20 +60,16 @@ class Loader:
             yield L, ab, keys
 
 
-_notice_shown = False
-
-
-def _pick_backend(requested: str, rank: int) -> str:
-    global _notice_shown
+def _pick_backend(requested: str, announce: bool) -> str:
+    """The backend to use; with `announce`, say so when "auto" falls back to torch."""
     has_dali = _can_import_dali()
     if requested == "dali" and not has_dali:
         raise DataError("data.backend=dali but NVIDIA DALI is not installed; "
                         "pip install nvidia-dali-cuda130 (or -cuda120), or set data.backend=torch")
     if requested == "auto" and not has_dali:
-        if rank == 0 and not _notice_shown:
+        if announce:
             print("note: NVIDIA DALI is not installed; using the torch input pipeline "
                   "(webdataset + DataLoader), which is slower", flush=True)
-            _notice_shown = True
         return "torch"
     return "torch" if requested == "torch" else "dali"
 
@@ -105,7 +101,9 @@ def build_loader(cfg: DataConfig, split: str, *, rank: int, world_size: int,
     shards = find_shards(Path(cfg.shards), split)
     num_batches = batches_per_epoch(shards.total, world_size, cfg.batch_size,
                                     where=f"the {split} split of {shards.root}")
-    backend = _pick_backend(cfg.backend, rank)
+    # Said once per run without a flag to remember it: by rank 0, for the train split (a run
+    # builds its train loader once, its val loader possibly many times).
+    backend = _pick_backend(cfg.backend, announce=rank == 0 and split == "train")
     kwargs = dict(train=train, rank=rank, world_size=world_size, device=device, seed=seed)
     if backend == "dali":
         from .dali_pipeline import DaliBatches

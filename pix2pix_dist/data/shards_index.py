@@ -61,6 +61,10 @@ def _from_manifest(root: Path, split: str) -> list[Shard]:
         if not tar.is_file():
             raise DataError(f"{root / MANIFEST} lists {rec['tar']} but {tar} is missing; "
                             f"rewrite the shards with `make shards`")
+        size = tar.stat().st_size
+        if size != rec["bytes"]:  # a stat per shard: caught here, before any worker or pipeline starts
+            raise DataError(f"{tar} is {size} bytes, {MANIFEST} says {rec['bytes']}: truncated or changed "
+                            f"after writing; rewrite the shards with `make shards`")
         shards.append(Shard(tar, index if index.is_file() else None, rec["samples"]))
     return shards
 

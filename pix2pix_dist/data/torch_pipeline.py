@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import tarfile
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -116,15 +117,28 @@ def _segments(shards: ShardSet, start: int, stop: int) -> list[_Segment]:
     return out
 
 
+class DamagedShard(Exception):
+    """A tar that cannot be read to its end (truncated, overwritten): no sample can be trusted."""
+
+    def __init__(self, tar: Path, exc: BaseException) -> None:
+        # webdataset appends the open file and the url to the exception's args: keep the reason.
+        reason = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
+        super().__init__(f"{tar.name} is damaged ({reason})")
+
+
 def _read(segments: list[_Segment]) -> Iterator[tuple[str, str, bytes | None]]:
-    """(shard file name, key, jpg bytes or None when the sample has no .jpg) per sample."""
+    """(shard file name, key, jpg bytes or None when the sample has no .jpg) per sample.
+    Raises DamagedShard for a tar that cannot be read."""
     for seg in segments:
         samples = tariterators.tarfile_samples([{"url": str(seg.tar)}])
-        for i, sample in enumerate(samples):
-            if i >= seg.stop:
-                break
-            if i >= seg.start:
-                yield seg.tar.name, sample["__key__"], sample.get("jpg")
+        try:
+            for i, sample in enumerate(samples):
+                if i >= seg.stop:
+                    break
+                if i >= seg.start:
+                    yield seg.tar.name, sample["__key__"], sample.get("jpg")
+        except (tarfile.TarError, OSError) as exc:
+            raise DamagedShard(seg.tar, exc) from None
 
 
 class _RankSamples(IterableDataset):
@@ -165,20 +179,25 @@ class _RankSamples(IterableDataset):
         samples = _read(segments)
         if train:
             samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
-        for shard, key, jpg in samples:
-            if jpg is None:
-                yield "bad", shard, key, "no .jpg member"
-                continue
-            data = torch.frombuffer(bytearray(jpg), dtype=torch.uint8)
-            if not self.decode_here:
-                yield "ok", shard, key, data
-                continue
-            try:
-                img = decode(data)
-            except RuntimeError as exc:
-                yield "bad", shard, key, str(exc).splitlines()[0]
-                continue
-            yield "ok", shard, key, self.augment(img, sample_rng(self.seed, self.epoch, self.rank, key))
+        try:
+            for shard, key, jpg in samples:
+                if jpg is None:
+                    yield "bad", shard, key, "no .jpg member"
+                    continue
+                data = torch.frombuffer(bytearray(jpg), dtype=torch.uint8)
+                if not self.decode_here:
+                    yield "ok", shard, key, data
+                    continue
+                try:
+                    img = decode(data)
+                except RuntimeError as exc:
+                    yield "bad", shard, key, str(exc).splitlines()[0]
+                    continue
+                yield "ok", shard, key, self.augment(img, sample_rng(self.seed, self.epoch, self.rank, key))
+        except DamagedShard as exc:
+            # Handed over as an item: raised in a DataLoader worker, it would reach the user
+            # wrapped in that worker's traceback.
+            yield "damaged", "", "", str(exc)
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -247,6 +266,9 @@ class TorchBatches:
                                 f"in {self.shards.root} for {count} batches of {self.cfg.batch_size} "
                                 f"({self.skipped} corrupt samples skipped)")
             status, shard, key, payload = item
+            if status == "damaged":
+                raise DataError(f"rank {self.rank}: shard {payload} in {self.shards.root}; rewrite the "
+                                f"shards with `make shards`")
             if status == "ok":
                 items.append((f"{shard}/{key}", payload))
             else:
@@ -278,14 +300,17 @@ class TorchBatches:
                 for (name, _), img in zip(items, images) if img is not None]
 
 
-def find_undecodable(shards: ShardSet, start: int, stop: int) -> tuple[Path, str] | None:
-    """(tar, key) of the first sample in positions [start, stop) that torchvision cannot
-    decode, or None. Used to name the culprit when DALI's decoder fails."""
-    for shard, key, jpg in _read(_segments(shards, start, stop)):
-        try:
-            if jpg is None:
-                raise RuntimeError("no .jpg")
-            decode(torch.frombuffer(bytearray(jpg), dtype=torch.uint8))
-        except RuntimeError:
-            return shards.root / shard, key
+def find_undecodable(shards: ShardSet, start: int, stop: int) -> str | None:
+    """What is wrong with the first bad sample in positions [start, stop) ('<tar>/<key> does
+    not decode', '<tar> is damaged (...)'), or None. Names the culprit when DALI fails."""
+    try:
+        for shard, key, jpg in _read(_segments(shards, start, stop)):
+            try:
+                if jpg is None:
+                    raise RuntimeError("no .jpg")
+                decode(torch.frombuffer(bytearray(jpg), dtype=torch.uint8))
+            except RuntimeError:
+                return f"{shard}/{key} does not decode"
+    except DamagedShard as exc:
+        return str(exc)
     return None
