@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -125,12 +124,12 @@ class TooManyPixels(ValueError):
     """An image larger than the pixel limit, found from its header (nothing decoded)."""
 
 
-def open_checked(data: bytes | str | Path, max_pixels: int) -> Image.Image:
+def open_checked(data: bytes, max_pixels: int) -> Image.Image:
     """Image.open, refusing more than `max_pixels` from the header, before any pixel is decoded
     (a 600 KB palette PNG can claim 13000x13000: gigabytes once decoded and converted). PIL's
     own decompression-bomb limit (an error at 2x MAX_IMAGE_PIXELS) becomes the same refusal."""
     try:
-        im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise TooManyPixels(str(e)) from None
     w, h = im.size
@@ -139,27 +138,11 @@ def open_checked(data: bytes | str | Path, max_pixels: int) -> Image.Image:
     return im
 
 
-def load_rgb8(source: bytes | str | Path, max_pixels: int) -> Image.Image:
-    """Any image file as 8-bit RGB: EXIF orientation applied, transparency on white, 16-bit
-    channels scaled to 8 bit (not clipped, as PIL's convert("RGB") does with I;16), grayscale
-    replicated to three channels. Raises TooManyPixels (header check), OSError or
-    PIL.UnidentifiedImageError for files that cannot be used."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = open_checked(source, max_pixels)
-        im.load()
-    return _to_rgb(ImageOps.exif_transpose(im), [])
-
-
 def _to_rgb(im: Image.Image, changes: list[str]) -> Image.Image:
     """Convert any colour mode to RGB; transparency is composited on white (not black: a cut-out
     object on black would teach the model that backgrounds are black)."""
     if im.mode == "RGB":
         return im
-    if im.mode.startswith("I"):  # 16-bit (I;16*) or 32-bit integer gray: scale 0..65535 to 0..255
-        changes.append(f"{im.mode.lower().replace(';', '')}_to_rgb")
-        wide = np.asarray(im).astype(np.float32)
-        return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)).convert("RGB")
     if (im.mode == "P" and "transparency" in im.info) or im.mode in ("PA", "RGBa"):
         im = im.convert("RGBA")
     if im.mode == "RGBA":
