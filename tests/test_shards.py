@@ -695,13 +695,18 @@ def test_foreign_shard_files_are_never_replaced(tmp_path):
     assert verify_shards(out) == []
 
 
-def test_unreadable_progress_file_is_refused_with_its_reason(tmp_path):
+def test_unreadable_progress_or_foreign_manifest_is_refused_with_its_reason(tmp_path):
     out = tmp_path / "out"
     build_shards(opts("sample", out, limit=3))
     (out / "progress.json").write_text("{half a rec")
     with pytest.raises(ShardError, match=r"progress.json is unreadable \(Expecting"):
         build_shards(opts("sample", out, limit=3))
     assert (out / "progress.json").read_text() == "{half a rec"
+    (out / "progress.json").unlink()
+    (out / "manifest.json").write_text('{"another": "tool"}')
+    with pytest.raises(ShardError, match=r"manifest.json is unreadable \(not a pix2pix_dist-shards/1 manifest"):
+        build_shards(opts("sample", out, limit=3))
+    assert (out / "manifest.json").read_text() == '{"another": "tool"}'
 
 
 def test_second_writer_and_verify_are_refused_while_one_writes(tmp_path):

@@ -135,31 +135,39 @@ def _fresh_state(fingerprint: str, nstreams: int) -> dict[str, Any]:
     }
 
 
+def _not_ours(path: Path, reason: object) -> ShardError:
+    return ShardError(f"{path} is unreadable ({reason}): damaged, or written by another tool; move it "
+                      f"away (with any shards it describes) or choose another --output")
+
+
 def _load_state(out: Path) -> dict[str, Any] | None:
     """The progress record of an earlier run here, None when there is none. A progress.json we
     cannot read is refused, not overwritten: it may be damaged, or another tool's file."""
     path = out / PROGRESS
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} progress record")
-        return state
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise ShardError(f"{path} is unreadable ({e}): damaged, or written by another tool; move it "
-                         f"away (with any shards it describes) or choose another --output") from None
+        raise _not_ours(path, e) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise _not_ours(path, f"not a {FORMAT} progress record")
+    return state
 
 
 def _owned_files(out: Path, state: dict[str, Any] | None) -> set[str]:
     """Shard files this tool wrote here, by the records of the earlier run (progress.json and
-    manifest.json): the only shard files it may replace or remove."""
-    try:
-        records = manifest_records(load_manifest(out))[0]
-    except ManifestError:
-        records = []
-    if state is not None:
-        records += [(s, r) for s in SPLITS for r in state["splits"][s]["shards"]]
+    manifest.json): the only shard files it may replace or remove. A manifest.json that is not
+    ours is refused like a foreign progress.json."""
+    records = [(s, r) for s in SPLITS for r in state["splits"][s]["shards"]] if state else []
+    if (out / MANIFEST).exists():
+        try:
+            manifest = load_manifest(out)
+        except ManifestError as e:
+            raise _not_ours(out / MANIFEST, str(e).split(": ", 1)[-1]) from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise _not_ours(out / MANIFEST, f"not a {FORMAT} manifest")
+        records += manifest_records(manifest)[0]
     return {r[k] for _, r in records for k in ("tar", "index")}
 
 

@@ -131,8 +131,8 @@ class WorkerPool:
                 w.pending.append((sent, job))
                 try:
                     w.jobs.send(job)
-                except OSError:
-                    raise WorkerDied(job) from None
+                except OSError:  # it died: name what it was working on, its oldest job
+                    raise WorkerDied(w.pending[0][1]) from None
                 sent += 1
 
         dispatch()
