@@ -22,6 +22,7 @@ from PIL import Image
 
 from pix2pix_dist.config import DataConfig
 from pix2pix_dist.data import DataError, build_loader
+from pix2pix_dist.shard_format import FORMAT, MANIFEST, index_name, load_manifest, shard_name
 
 BACKENDS = ["dali", "torch"]
 CPU = torch.device("cpu")
@@ -38,7 +39,7 @@ def write_shards(out: Path, split: str, count: int, per_shard: int, *, corrupt: 
     photos = [getattr(skimage.data, name)() for name in PHOTOS]
     entries = []
     for first in range(0, count, per_shard):
-        tar = out / f"{split}-{first // per_shard:06d}.tar"
+        tar = out / shard_name(split, first // per_shard)
         with tarfile.open(tar, "w") as tf:
             for i in range(first, min(count, first + per_shard)):
                 photo = photos[i % len(photos)]
@@ -54,15 +55,14 @@ def write_shards(out: Path, split: str, count: int, per_shard: int, *, corrupt: 
                     member.size = len(data)
                     tf.addfile(member, io.BytesIO(data))
         if index:
-            subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tar.with_suffix(".idx"))],
+            subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(out / index_name(tar.name))],
                            check=True, capture_output=True)
-        entries.append({"tar": tar.name, "index": tar.with_suffix(".idx").name,
+        entries.append({"tar": tar.name, "index": index_name(tar.name),
                         "samples": min(count, first + per_shard) - first, "bytes": tar.stat().st_size,
                         "sha256": hashlib.sha256(tar.read_bytes()).hexdigest()})
     if manifest:
-        path = out / "manifest.json"
-        data = json.loads(path.read_text()) if path.exists() else {
-            "format": "pix2pix_dist-shards/1", "splits": {}, "skipped": {}}
+        path = out / MANIFEST
+        data = load_manifest(out) if path.exists() else {"format": FORMAT, "splits": {}, "skipped": {}}
         data["splits"][split] = {"samples": count, "shards": entries}
         path.write_text(json.dumps(data))
     return out
@@ -249,7 +249,7 @@ def test_reads_the_shard_writers_output(sample_shards, backend):
                          world_size=1, device=CPU, seed=0)
     val = build_loader(config(sample_shards, backend, batch_size=2), "val", rank=0,
                        world_size=1, device=CPU, seed=0)
-    manifest = json.loads((sample_shards / "manifest.json").read_text())
+    manifest = load_manifest(sample_shards)
     assert len(train) == manifest["splits"]["train"]["samples"] // 2
     for ld in (train, val):
         batches = epoch(ld)

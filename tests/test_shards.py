@@ -19,7 +19,7 @@ from PIL import Image
 
 from pix2pix_dist.shards import ShardError, ShardOptions, build_shards, verify_shards
 from pix2pix_dist.shards.build import val_count
-from pix2pix_dist.shard_format import index_from_tar
+from pix2pix_dist.shard_format import FORMAT, index_from_tar, split_name
 from pix2pix_dist.shards.images import jpeg_sof
 from pix2pix_dist.shards.options import parse_max_bytes, parse_shard_size
 from pix2pix_dist.shards.sources import Source, Candidate, assign_keys, sample_dir
@@ -62,7 +62,7 @@ def read_samples(out: Path, split: str) -> dict[str, tuple[bytes, dict]]:
     for tar in sorted(out.glob(f"{split}-*.tar")):
         with tarfile.open(tar) as tf:
             for m in tf:
-                key, ext = m.name.split(".", 1)
+                key, ext = split_name(m.name)
                 samples.setdefault(key, [None, None])[0 if ext == "jpg" else 1] = tf.extractfile(m).read()
     return {k: (jpg, json.loads(meta)) for k, (jpg, meta) in samples.items()}
 
@@ -79,7 +79,7 @@ def sample_shards(tmp_path_factory) -> tuple[Path, dict]:
 def test_sample_manifest_layout_and_filters(sample_shards):
     out, m = sample_shards
     assert json.loads((out / "manifest.json").read_text()) == m
-    assert m["format"] == "pix2pix_dist-shards/1" and m["args"]["source"] == "sample"
+    assert m["format"] == FORMAT and m["args"]["source"] == "sample"
     train, val = m["splits"]["train"], m["splits"]["val"]
     # skimage ships 11 colour photos (RGBA horse is black on transparent: gray once on white).
     assert train["samples"] + val["samples"] == 11
@@ -435,7 +435,7 @@ def test_verify_catches_flipped_byte(sample_shards, tmp_path):
 
 
 @pytest.mark.parametrize("manifest", [
-    [], {"format": "pix2pix_dist-shards/1", "splits": 5}, {"splits": {"train": [], "val": None}},
+    [], {"format": FORMAT, "splits": 5}, {"splits": {"train": [], "val": None}},
     {"splits": {"train": {"samples": 1, "shards": [{"tar": "train-000000.tar"}]}, "val": {"shards": [7]}}},
     {"splits": {"train": {"samples": 1, "shards": [
         {"tar": "../../etc/passwd", "index": "x.idx", "samples": 1, "bytes": 1, "sha256": "0"}]}}},

@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import BenchError
 from ..atomic import atomic_write
+from ..shard_format import MANIFEST
 
 SYNTH_SIZE = (640, 480)  # COCO's most common size
 SYNTH_QUALITY = 90
@@ -100,7 +101,7 @@ def ensure_synthetic_shards(cache: Path, n: int, *, seed: int, workers: int) -> 
     if stamp_path.exists():
         with contextlib.suppress(ValueError, OSError):
             stamp = json.loads(stamp_path.read_text())
-        if stamp == {**wanted, "complete": True} and (cache / "manifest.json").exists():
+        if stamp == {**wanted, "complete": True} and (cache / MANIFEST).exists():
             print(f"reusing synthetic shards in {cache}", flush=True)
             return cache
         shutil.rmtree(cache)  # ours, but another set or an interrupted build
@@ -122,7 +123,7 @@ def ensure_synthetic_shards(cache: Path, n: int, *, seed: int, workers: int) -> 
         raise BenchError(f"building the synthetic shards failed: {exc}") from None
     finally:
         shutil.rmtree(jpegs, ignore_errors=True)
-    if not (cache / "manifest.json").exists():
-        raise BenchError(f"the shard writer left no manifest.json in {cache}")
+    if not (cache / MANIFEST).exists():
+        raise BenchError(f"the shard writer left no {MANIFEST} in {cache}")
     atomic_write(stamp_path, json.dumps({**wanted, "complete": True}) + "\n")
     return cache

@@ -38,6 +38,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from ..config import DataConfig
+from ..shard_format import split_name
 from .errors import DataError
 from .sampling import derive_seed, rank_range
 from .shards_index import ShardSet
@@ -99,7 +100,7 @@ def _key_from_source(raw: torch.Tensor) -> str:
     """`/x/train-000001.tar:2048:k.jpg` -> `train-000001.tar/k`, the torch backend's key format."""
     text = bytes(raw.tolist()).rstrip(b"\0").decode()
     path, _, member = text.rsplit(":", 2)
-    return f"{Path(path).name}/{member.split('.', 1)[0]}"
+    return f"{Path(path).name}/{split_name(member)[0]}"
 
 
 class DaliBatches:
