@@ -298,3 +298,17 @@ def test_shard_truncated_after_writing_is_one_line(tmp_path, backend, manifest):
     message = str(err.value)
     assert "\n" not in message and "train-000001.tar" in message and "make shards" in message, message
     assert ("truncated or changed" if manifest else "is damaged") in message
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_damaged_shard_is_one_line_on_the_gpu(tmp_path, backend):
+    """The same conversion where DALI decodes with device="mixed" and torch with nvJPEG."""
+    write_shards(tmp_path, "train", 12, per_shard=6, manifest=False)
+    tar = tmp_path / "train-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:3000])
+    ld = build_loader(config(tmp_path, backend, batch_size=2), "train", rank=0, world_size=1,
+                      device=torch.device("cuda"), seed=0)
+    with pytest.raises(DataError, match=r"train-000001\.tar is damaged") as err:
+        epoch(ld)
+    assert "\n" not in str(err.value)
