@@ -19,6 +19,7 @@ with FolderLock(sys.argv[1], "training"):
 """
 
 
+@pytest.mark.slow
 def test_second_process_is_refused_and_death_releases(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

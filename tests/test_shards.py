@@ -664,6 +664,7 @@ def test_half_written_result_never_hangs(how):
         pool.close(terminate=True)
 
 
+@pytest.mark.slow
 def test_limit_with_large_results_exits_after_success(tmp_path):
     """The reported reproduction: --limit stops the stream while multi-MB results are in flight."""
     src = tmp_path / "big"

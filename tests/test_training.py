@@ -22,6 +22,8 @@ from pix2pix_dist.checkpoints import list_checkpoints
 from pix2pix_dist.export import load_generator
 from wandb_records import find_run_file, history_rows
 
+pytestmark = pytest.mark.slow  # every test here trains end to end in subprocesses
+
 TINY = ["data.load_size=64", "data.crop_size=64", "model.num_downs=6", "model.ngf=16",
         "model.ndf=16", "data.batch_size=2", "data.num_threads=1", "data.shuffle_buffer=16",
         "log.sample_count=2", "train.mixed_precision=no"]
