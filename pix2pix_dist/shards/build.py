@@ -240,8 +240,8 @@ class Builder:
         self.fingerprint = self._fingerprint()
 
     def resolved_args(self) -> dict[str, Any]:
-        """Options as resolved for this run, for the manifest. `workers` and `progress` are left
-        out on purpose: they cannot change the output, so the manifest does not depend on them."""
+        """Options as resolved for this run, for the manifest. `workers`, `progress` and `verify`
+        are left out on purpose: they cannot change the output, so the manifest does not depend on them."""
         args = {k: v for k, v in asdict(self.opts).items() if k not in ("workers", "progress", "verify")}
         args["source"] = str(self.sources[0].path) if self.sources[0].kind != "sample" else "sample"
         args["source_dir"] = str(self.sources[0].path)
