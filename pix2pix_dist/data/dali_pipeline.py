@@ -127,16 +127,22 @@ class DaliBatches:
                 or epoch != self._next_epoch or with_keys != self._with_keys):
             try:
                 self._start(epoch, with_keys)  # the iterator prefetches: errors can come from here
+                error = None
             except RuntimeError as exc:
                 self._iter = None
-                raise self._decode_error(exc) from None
+                error = self._decode_error(exc)
+            if error is not None:  # raised outside `except`: no context keeps the failed pipeline alive
+                raise error
         self._next_epoch = epoch + 1
         for _ in range(count):
             try:
                 out = next(self._iter)[0]
+                error = None
             except RuntimeError as exc:
                 self._iter = None
-                raise self._decode_error(exc) from None
+                error = self._decode_error(exc)
+            if error is not None:
+                raise error
             rgb = out["rgb"] if self.device_id is not None else out["rgb"].to(self.device)
             keys = [_key_from_source(k) for k in out["keys"]] if with_keys else None
             yield rgb, keys
@@ -160,6 +166,7 @@ class DaliBatches:
         reason = reason.split("failed: ", 1)[-1]  # DALI's assertion text before it is C++ source
         start, stop = rank_range(self.shards.total, self.world_size, self.rank)
         where = find_undecodable(self.shards, start, stop) or "no undecodable JPEG found by a CPU scan"
+        fallback = "" if "is damaged" in where else ", or use data.backend=torch, which skips corrupt samples"
         return DataError(f"DALI failed on rank {self.rank}'s part of {self.shards.root} "
                          f"({self.shards.split}): {reason}; {where}. Rewrite the shards with "
-                         f"`make shards`, or use data.backend=torch, which skips corrupt samples")
+                         f"`make shards`{fallback}")
