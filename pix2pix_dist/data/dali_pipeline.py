@@ -29,8 +29,10 @@ error path). The shard writer drops undecodable images, so this means damaged sh
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import gc
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from nvidia.dali import fn, types
@@ -43,6 +45,8 @@ from .errors import DataError
 from .sampling import derive_seed, rank_range
 from .shards_index import ShardSet
 from .torch_pipeline import find_undecodable
+
+T = TypeVar("T")
 
 
 def build_pipeline(shards: ShardSet, cfg: DataConfig, *, train: bool, rank: int, world_size: int,
@@ -125,24 +129,10 @@ class DaliBatches:
         """`count` batches of epoch `epoch`: (uint8 (B,3,S,S) on the device, keys or None)."""
         if (self._iter is None or not self.train or self.exact_epochs
                 or epoch != self._next_epoch or with_keys != self._with_keys):
-            try:
-                self._start(epoch, with_keys)  # the iterator prefetches: errors can come from here
-                error = None
-            except RuntimeError as exc:
-                self._iter = None
-                error = self._decode_error(exc)
-            if error is not None:  # raised outside `except`: no context keeps the failed pipeline alive
-                raise error
+            self._guard(lambda: self._start(epoch, with_keys))  # the iterator prefetches: it can fail
         self._next_epoch = epoch + 1
         for _ in range(count):
-            try:
-                out = next(self._iter)[0]
-                error = None
-            except RuntimeError as exc:
-                self._iter = None
-                error = self._decode_error(exc)
-            if error is not None:
-                raise error
+            out = self._guard(lambda: next(self._iter))[0]
             rgb = out["rgb"] if self.device_id is not None else out["rgb"].to(self.device)
             keys = [_key_from_source(k) for k in out["keys"]] if with_keys else None
             yield rgb, keys
@@ -158,6 +148,19 @@ class DaliBatches:
         self._iter = DALIGenericIterator([pipe], ["rgb", "keys"] if with_keys else ["rgb"],
                                          dynamic_shape=with_keys)
         self._with_keys = with_keys
+
+    def _guard(self, step: Callable[[], T]) -> T:
+        """step(); DALI's RuntimeError becomes a one-line DataError, raised once the failed
+        pipeline is gone. It sits in reference cycles, so its threads would live on until some
+        later garbage collection, and a fork meanwhile (DataLoader workers) can copy a lock
+        one of them holds: the child then hangs."""
+        try:
+            return step()
+        except RuntimeError as exc:
+            self._iter = None
+            error = self._decode_error(exc)
+        gc.collect()
+        raise error  # outside `except`: no exception context keeps the pipeline alive
 
     def _decode_error(self, exc: RuntimeError) -> DataError:
         # DALI's message is a multi-line traceback; keep its one informative line.
