@@ -115,8 +115,9 @@ def test_dry_run_with_a_decay_and_a_bad_world_size(shards_32, monkeypatch, capsy
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert main(["--preset", "tutorial", f"data.shards={shards_32}", "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert err == ("error: data.global_batch=16 is not divisible by 3 processes; nearest valid "
-                   "sizes: 15 or 18 (or pin the per-process batch with data.batch_size)\n")
+    assert err.startswith("error: ") and err.count("\n") == 1  # "[rank 0] " when launched
+    assert err.endswith("data.global_batch=16 is not divisible by 3 processes; nearest valid "
+                        "sizes: 15 or 18 (or pin the per-process batch with data.batch_size)\n")
 
 
 def _stripes(height: int, width: int) -> torch.Tensor:
