@@ -90,12 +90,13 @@ def peer_failed(exc: BaseException) -> bool:
         and any(s in text for s in ("Connection closed by peer", "Connection reset by peer")))
 
 
-def report_error(message: str) -> None:
-    """Print `error: [rank R] message` (plain `error: message` in a single process) as one line,
-    and give the same line to torch's elastic agent, whose failure summary otherwise says only
-    "To enable traceback see ..." (TORCHELASTIC_ERROR_FILE is its documented channel)."""
+def report_error(message: str, *, job_wide: bool = False) -> None:
+    """Print `error: [rank R] message` as one line (plain `error: message` in a single process,
+    or for an error every rank agreed on, printed by rank 0 alone), and give the same line to
+    torch's elastic agent, whose failure summary otherwise says only "To enable traceback see
+    ..." (TORCHELASTIC_ERROR_FILE is its documented channel)."""
     rank, world = rank_and_world()
-    line = f"error: [rank {rank}] {message}" if world > 1 else f"error: {message}"
+    line = f"error: [rank {rank}] {message}" if world > 1 and not job_wide else f"error: {message}"
     print(line, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:

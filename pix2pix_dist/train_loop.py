@@ -369,11 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except RankError as exc:
         if not exc.all_ranks or rank == 0:
-            report_error(str(exc))
+            report_error(str(exc), job_wide=exc.all_ranks)
         return 2
     except ConfigError as exc:  # the same argv on every rank: one report is enough
         if rank == 0:
-            report_error(str(exc))
+            report_error(str(exc), job_wide=True)
         return 2
     except (DataError, ExportError) as exc:
         report_error(str(exc))
