@@ -5,7 +5,6 @@ Design notes: docs/design.md, "Failures, signals and locks".
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -16,8 +15,8 @@ from typing import Any
 import torch
 
 from .atomic import atomic_write
+from .lifetime import set_parent_death_signal
 
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 PARENT_DIED = signal.SIGHUP
 """The parent-death signal: SIGHUP's default action ends the process, and "the controlling
 process went away" is what it means."""
@@ -53,14 +52,7 @@ def die_with_parent() -> None:
         return
     if signal.getsignal(PARENT_DIED) is signal.SIG_IGN:
         signal.signal(PARENT_DIED, signal.SIG_DFL)
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(PARENT_DIED), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: no parent-death signal
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), PARENT_DIED)
+    set_parent_death_signal(PARENT_DIED, os.getppid())
 
 
 def all_gather(obj: Any) -> list[Any]:

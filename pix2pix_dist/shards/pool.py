@@ -17,7 +17,6 @@ SIGKILLed writer leaves no orphans.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -31,11 +30,11 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..lifetime import set_parent_death_signal
 from .errors import ShardError
 from .images import Converted, ImageSettings, convert_image
 from .sources import NOT_REGULAR, NotRegularFile, Reader, display_name
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent still exists
 
 
@@ -48,20 +47,9 @@ class WorkerDied(Exception):
         self.job = job
 
 
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel kill this process when its parent dies (Linux); elsewhere the idle-time
-    parent-pid check in `_worker_main` does it, a little later."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent died before the prctl took effect
-        os._exit(1)
-
-
 def _worker_main(handler: Callable[[Any], Any], jobs: Connection, results: Connection, parent: int) -> None:
-    _die_with_parent(parent)
+    # Killed by the kernel when the parent dies (Linux); elsewhere the idle-time check below.
+    set_parent_death_signal(signal.SIGKILL, parent)
     # Ctrl-C reaches the whole process group: the parent handles it once, cleanly, instead of
     # every worker printing a KeyboardInterrupt traceback. SIGTERM simply ends a worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
