@@ -26,10 +26,9 @@ from PIL import Image
 from .atomic import atomic_write
 from .cli import CliError, parse
 from .export import ExportError, GeneratorExport, NormMode, load_export
-from .imageio import DEFAULT_MAX_PIXELS, Skip, load_rgb
+from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Skip, load_rgb
 from .inference import GeometryError, compose, image_seed, model_input, predict_ab
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 PROGRESS_MIN_FILES = 6
 """A progress bar for this many files or more; a handful finish before one would help."""
 
@@ -65,7 +64,7 @@ def find_inputs(paths: list[Path]) -> list[tuple[Path, Path]]:
     for path in paths:
         if path.is_dir():
             found += [(p, p.relative_to(path)) for p in sorted(path.rglob("*"))
-                      if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
+                      if p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.is_dir()]
         else:
             found.append((path, Path(path.name)))
     return found

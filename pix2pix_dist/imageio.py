@@ -1,7 +1,7 @@
 """Reading one user image safely: regular files only, bounded pixels, 16-bit aware.
 
 `load_rgb` either returns uint8 RGB pixels or raises `Skip` with a short reason the caller counts
-(`not_regular`, `too_large`, `unreadable`). Nothing here can block (a FIFO is refused before it
+(`not_a_file`, `too_large`, `unreadable`). Nothing here can block (a FIFO is refused before it
 is read), decode more pixels than asked for (the header is checked first), or turn a 16-bit
 grayscale PNG into near-white (PIL clips `I;16` values at 255 when converting to RGB).
 """
@@ -12,13 +12,19 @@ import os
 import stat
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+NOT_A_FILE = "not_a_file"
+"""The skip reason of FIFOs, sockets and devices (never read: a FIFO would block forever)."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+"""File endings taken as images, by the shard writer and by colorize (case-insensitive)."""
 DEFAULT_MAX_PIXELS = 100_000_000
-"""Larger images are skipped as `too_large` (a 24 MP photo is well inside; a 13000x13000
-palette PNG that decodes to 0.5 GB is not)."""
+"""colorize's default limit: larger images are skipped as `too_large` (a 24 MP photo is well
+inside; a 13000x13000 palette PNG that decodes to 0.5 GB is not). It colorizes one image at a
+time in chunks; the shard writer, with one decoder per core, sets a lower one of its own."""
 _WIDE_GRAY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
@@ -40,22 +46,33 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise Skip("unreadable", exc.strerror or str(exc)) from None
     with open(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise Skip("not_regular", "not a regular file")
+            raise Skip(NOT_A_FILE, "FIFO, socket or device: not read")
         try:
             with warnings.catch_warnings():
                 # Our own bound replaces PIL's decompression-bomb warning (an error above 2x).
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(f) as im:
-                    width, height = im.size
-                    if width * height > max_pixels:
-                        raise Skip("too_large", f"{width}x{height} pixels is over --max-pixels "
-                                                f"{max_pixels}")
+                with open_bounded(f, max_pixels) as im:
                     ImageOps.exif_transpose(im, in_place=True)  # no copy when upright
                     return to_rgb(im)
-        except Image.DecompressionBombError as exc:
-            raise Skip("too_large", str(exc).splitlines()[0]) from None
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             raise Skip("unreadable", (str(exc).splitlines() or [type(exc).__name__])[0]) from None
+
+
+def open_bounded(fp: BinaryIO, max_pixels: int) -> Image.Image:
+    """Image.open, refusing more than `max_pixels` (width x height, from the header) with
+    Skip("too_large") before any pixel is decoded: a 600 KB palette PNG can claim 13000x13000,
+    gigabytes once decoded and converted. PIL's own decompression-bomb error (above 2x its
+    MAX_IMAGE_PIXELS) is the same skip."""
+    try:
+        im = Image.open(fp)
+    except Image.DecompressionBombError as exc:
+        raise Skip("too_large", str(exc).splitlines()[0]) from None
+    width, height = im.size
+    if width * height > max_pixels:
+        im.close()
+        raise Skip("too_large", f"{width}x{height} = {width * height / 1e6:.0f} MP is over "
+                                f"--max-pixels {max_pixels / 1e6:g} MP")
+    return im
 
 
 def to_rgb(im: Image.Image) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,13 @@ def run_python(args: list[str], *, cwd: Path = REPO, timeout: float = 600,
     """Run `python <args>` like a user would, without credentials or a terminal."""
     return subprocess.run([sys.executable, *args], cwd=cwd, env=clean_env(**(env or {})), capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's own rendezvous (gloo on localhost)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_collection_modifyitems(config, items):

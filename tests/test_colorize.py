@@ -128,7 +128,7 @@ def test_hostile_inputs_are_skipped_and_counted_without_blocking(export, tmp_pat
                        "--output", str(out), "--max-pixels", "50000"], timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "colorized 2 image(s)" in proc.stdout
-    assert "skipped 5 (1 not_regular, 2 too_large, 1 too_thin, 1 unreadable)" in proc.stdout
+    assert "skipped 5 (1 not_a_file, 2 too_large, 1 too_thin, 1 unreadable)" in proc.stdout
     assert "Traceback" not in proc.stderr
     deep = np.asarray(Image.open(out / "deep.png").convert("L"), dtype=float)
     expected = gradient / 257.0

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pix2pix_dist.checkpoints import list_checkpoints
-from test_reliability import children, free_port, launch, running, wait_for
+from conftest import free_port
+from test_reliability import children, launch, running, wait_for
 from test_training import TINY
 
 

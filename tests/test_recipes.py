@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -18,7 +17,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.io import decode_jpeg
 
-from conftest import REPO, clean_env, run_python
+from conftest import REPO, clean_env, free_port, run_python
 from pix2pix_dist.config import ConfigError, build_config, parse_args
 from pix2pix_dist.data import build_loader
 from pix2pix_dist.data.lab import uint8_to_lab
@@ -156,11 +155,6 @@ def test_square_resize_squashes_the_whole_image_on_both_backends(tmp_path, backe
     assert (ab[0] - crop_ab[0]).abs().mean() > 0.2  # not the green centre of shorter_side
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_resume_on_another_world_size_keeps_the_global_batch_or_refuses(tmp_path):
@@ -176,7 +170,7 @@ def test_resume_on_another_world_size_keeps_the_global_batch_or_refuses(tmp_path
             "ckpt.every=90", "ckpt.keep=5", "optim.decay_fraction=0.5"]
     accelerate = Path(sys.executable).with_name("accelerate")
     two = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
-                          "--main_process_port", str(_free_port()), *args],
+                          "--main_process_port", str(free_port()), *args],
                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600,
                          stdin=subprocess.DEVNULL)
     assert two.returncode == 0, two.stderr[-3000:]

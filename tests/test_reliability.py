@@ -18,19 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, clean_env, run_python
+from conftest import REPO, clean_env, free_port, run_python
 from pix2pix_dist.checkpoints import list_checkpoints
 from test_training import TINY
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(script: list[str], log: Path, *, options: list[str] | None = None) -> subprocess.Popen:

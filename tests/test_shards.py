@@ -770,7 +770,7 @@ def test_sixteen_bit_colour_keeps_its_colours_and_gray_is_dropped(tmp_path):
 
 
 def test_pixel_bombs_are_counted_too_large_undecoded(tmp_path):
-    from pix2pix_dist.shards.images import TooManyPixels, open_checked
+    from pix2pix_dist.imageio import Skip, open_bounded
 
     src = tmp_path / "src"
     src.mkdir()
@@ -782,8 +782,9 @@ def test_pixel_bombs_are_counted_too_large_undecoded(tmp_path):
     (src / "bomb.png").write_bytes(png_header_only(20000, 20000))
     m = build_shards(opts(src, tmp_path / "o2", val_fraction=0.0, max_pixels=10**12))
     assert m["skipped"] == {"too_large": 1}
-    with pytest.raises(TooManyPixels, match="13000x13000"):
-        open_checked(png_header_only(13000, 13000), 50_000_000)
+    with pytest.raises(Skip, match="13000x13000") as info:
+        open_bounded(io.BytesIO(png_header_only(13000, 13000)), 50_000_000)
+    assert info.value.reason == "too_large"
     r = run_cli("--source", str(src), "--output", str(tmp_path / "o3"), "--max-pixels", "0", "--no-progress")
     assert r.returncode == 2 and "--max-pixels" in r.stderr
 

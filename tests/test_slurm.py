@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, clean_env
-from test_reliability import children, free_port, wait_for
+from conftest import REPO, clean_env, free_port
+from test_reliability import children, wait_for
 from test_training import TINY
 
 SRUN = """#!/bin/bash

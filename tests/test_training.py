@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, clean_env, run_python
+from conftest import REPO, clean_env, free_port, run_python
 from pix2pix_dist.checkpoints import list_checkpoints
 from pix2pix_dist.export import load_generator
 from wandb_records import find_run_file, history_rows
@@ -136,18 +135,13 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(sample_shards, tm
     assert [r["step"] for r in stats(interrupted)] == list(range(1, 41))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_processes_keep_identical_weights_on_disjoint_data(sample_shards, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     env = clean_env(PYTHONPATH=str(REPO / "tests"))
     proc = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
-         "--main_process_port", str(_free_port()), "tests/ddp_worker.py", str(tmp_path), *TINY,
+         "--main_process_port", str(free_port()), "tests/ddp_worker.py", str(tmp_path), *TINY,
          f"data.shards={sample_shards}", f"run_dir={tmp_path / 'run'}", "train.steps=6",
          "log.every=3", "log.sample_every=6", "ckpt.every=3", "log.tracker=none"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..imageio import Skip, open_bounded
+
 # Modes that carry no colour at all: rejected from the header, before decoding any pixel.
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 # SOF markers whose bytes we keep: baseline (C0) and extended sequential (C1) Huffman. The
@@ -120,24 +122,6 @@ def is_grayscale(im: Image.Image, tolerance: int, fraction: float) -> bool:
     return int(np.count_nonzero(spread > tolerance)) <= fraction * spread.size
 
 
-class TooManyPixels(ValueError):
-    """An image larger than the pixel limit, found from its header (nothing decoded)."""
-
-
-def open_checked(data: bytes, max_pixels: int) -> Image.Image:
-    """Image.open, refusing more than `max_pixels` from the header, before any pixel is decoded
-    (a 600 KB palette PNG can claim 13000x13000: gigabytes once decoded and converted). PIL's
-    own decompression-bomb limit (an error at 2x MAX_IMAGE_PIXELS) becomes the same refusal."""
-    try:
-        im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise TooManyPixels(str(e)) from None
-    w, h = im.size
-    if w * h > max_pixels:
-        raise TooManyPixels(f"{w}x{h} = {w * h / 1e6:.0f} MP > --max-pixels {max_pixels / 1e6:g} MP")
-    return im
-
-
 def _to_rgb(im: Image.Image, changes: list[str]) -> Image.Image:
     """Convert any colour mode to RGB; transparency is composited on white (not black: a cut-out
     object on black would teach the model that backgrounds are black)."""
@@ -168,8 +152,8 @@ def convert_image(data: bytes, settings: ImageSettings) -> Converted | Rejected:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             return _convert(data, settings)
-        except TooManyPixels as e:
-            return Rejected("too_large", str(e))
+        except Skip as e:  # over --max-pixels, from the header
+            return Rejected(e.reason, str(e))
         except UnidentifiedImageError:
             if _jpeg_frame(data) == "truncated":  # cut inside its headers: not a format problem
                 return Rejected("truncated", "file ends inside the JPEG header")
@@ -188,7 +172,7 @@ def convert_image(data: bytes, settings: ImageSettings) -> Converted | Rejected:
 
 
 def _convert(data: bytes, s: ImageSettings) -> Converted | Rejected:
-    im = open_checked(data, s.max_pixels)
+    im = open_bounded(io.BytesIO(data), s.max_pixels)
     fmt, mode = im.format or "?", im.mode
     w, h = im.size
     # Cheap checks first, from the header alone.

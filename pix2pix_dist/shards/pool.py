@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..imageio import NOT_A_FILE
 from ..lifetime import set_parent_death_signal
 from .errors import ShardError
 from .images import Converted, ImageSettings, convert_image
@@ -217,13 +218,13 @@ class Converter:
         """Read, validate and convert one candidate; every failure becomes a skip reason."""
         limit = self.settings.max_bytes
         if task.size == NOT_REGULAR:
-            return Result(*task[:4], None, "not_a_file", "FIFO, socket or device: not opened")
+            return Result(*task[:4], None, NOT_A_FILE, "FIFO, socket or device: not opened")
         if task.size > limit:  # checked before reading: a zip bomb or a huge file is never inflated
             return Result(*task[:4], None, "too_large", f"{task.size} bytes > --max-bytes {limit}")
         try:
             data = self.readers[task.stream].read(task.relpath, limit)
         except NotRegularFile as e:  # replaced by a FIFO since it was listed
-            return Result(*task[:4], None, "not_a_file", str(e))
+            return Result(*task[:4], None, NOT_A_FILE, str(e))
         except zipfile.BadZipFile as e:  # e.g. CRC mismatch of a damaged member
             return Result(*task[:4], None, "corrupt", str(e))
         except (OSError, KeyError, RuntimeError, ValueError) as e:

@@ -14,9 +14,9 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ..imageio import IMAGE_EXTENSIONS
 from .errors import ShardError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SAMPLE = "sample"
 NOT_REGULAR = -2  # Candidate.size of a FIFO, socket or device: skipped as `not_a_file`, never opened
 MAX_KEY_LEN = 80  # "<key>.json" must fit a plain ustar name (100 bytes): no PAX/GNU headers
