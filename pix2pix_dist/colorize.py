@@ -12,6 +12,7 @@ under --output. Unreadable, oversized, too thin and non-regular files are skippe
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
 import warnings
@@ -102,14 +103,17 @@ def encode(rgb: torch.Tensor, fmt: str, quality: int) -> bytes:
 class Colorizer:
     """Loads, batches (same network input size), predicts and writes; counts skips."""
 
-    def __init__(self, opts: ColorizeOptions, exported: GeneratorExport, device: torch.device) -> None:
+    def __init__(self, opts: ColorizeOptions, exported: GeneratorExport, device: torch.device,
+                 inputs: list[Path]) -> None:
         self.opts, self.exported, self.device = opts, exported, device
         self.mode: NormMode = opts.norm_mode or exported.settings.norm_mode
         self.batch_size = opts.batch_size or (8 if device.type == "cuda" else 1)
         self.suffix = ".jpg" if opts.format == "jpeg" else ".png"
         self.root = opts.output.resolve()
         self.pending: list[tuple[Path, torch.Tensor, torch.Tensor, int, int, int]] = []
-        self.used: set[str] = set()
+        # Inputs inside --output keep their names: `colorize photos/ --output photos/` must not
+        # write photos/a.png over the photo photos/a.png (it gets a-2.png instead).
+        self.used = {os.path.relpath(os.path.realpath(p), self.root).lower() for p in inputs}
         self.written = 0
         self.skipped: dict[str, int] = {}
 
@@ -172,7 +176,7 @@ def run(opts: ColorizeOptions) -> int:
     if not files:
         raise CliError(f"no images found in {', '.join(map(str, opts.inputs))}")
     opts.output.mkdir(parents=True, exist_ok=True)
-    work = Colorizer(opts, exported, device)
+    work = Colorizer(opts, exported, device, [path for path, _ in files])
 
     from tqdm.auto import tqdm
 

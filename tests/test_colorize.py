@@ -93,6 +93,17 @@ def test_folder_structure_is_kept_and_no_output_overwrites_another(export, tmp_p
     assert "colorized 5 image(s)" in capsys.readouterr().out
 
 
+def test_an_input_inside_the_output_folder_is_never_overwritten(export, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo(photos / "a.png", 40, 60)
+    original = (photos / "a.png").read_bytes()
+    assert colorize_main([str(photos), "--generator", str(export), "--output", str(photos),
+                          "--no-progress"]) == 0
+    assert (photos / "a.png").read_bytes() == original  # the photo itself is kept
+    assert sorted(p.name for p in photos.iterdir()) == ["a-2.png", "a.png"]
+
+
 def test_names_from_data_cannot_leave_the_output_folder():
     used: set[str] = set()
     for rel in ("../../etc/passwd.png", "..", ".hidden/.x.png", "a/../../b.png"):
