@@ -325,6 +325,9 @@ def _resolve(opts: EvalOptions) -> tuple[Path, Path, Path]:
     output = opts.output or (run or export.parent) / "eval"
     if opts.name is not None and not re.fullmatch(r"[\w-][\w.-]*", opts.name):
         raise CliError(f"--name {opts.name!r}: use letters, digits, '_', '-' and '.' (it names files)")
+    if opts.weights_dir is not None and not opts.weights_dir.is_dir():
+        # A mistyped folder would otherwise read as "no local weights" in the report.
+        raise CliError(f"--weights-dir {opts.weights_dir} is not a folder")
     if opts.limit is not None and opts.limit < 1 or opts.batch_size < 1 or opts.gallery < 0:
         raise CliError("--limit and --batch-size must be at least 1, --gallery at least 0")
     return export, shards, output
@@ -393,13 +396,15 @@ def _write(report: dict[str, Any], merged: Evaluation, output: Path, name: str, 
     text = markdown(report)
     atomic_write(output / f"{name}.md", text)
     first = [merged.tiles[r.index] for r in merged.results[:gallery]]
+    written = ".json, .md"
     if first:
         atomic_write(output / f"{name}-gallery.png", gallery_png(first))
+        written += ", -gallery.png"
     ranked = sorted(merged.results, key=lambda r: r.model["ab_l1"])
     extremes = ranked[:EXTREMES] + [r for r in ranked[-EXTREMES:] if r not in ranked[:EXTREMES]]
     atomic_write(output / f"{name}-best-worst.png",
                  gallery_png([merged.tiles[r.index] for r in extremes]))
-    print(text + f"\nwritten: {output / name}.json, .md, -gallery.png, -best-worst.png", flush=True)
+    print(text + f"\nwritten: {output / name}{written}, -best-worst.png", flush=True)
 
 
 class TrainingEval:

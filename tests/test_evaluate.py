@@ -162,6 +162,10 @@ def test_norm_modes_differ_and_the_recorded_one_is_used(sample_shards, tmp_path,
     for suffix in (".md", "-gallery.png", "-best-worst.png"):
         assert (tmp_path / "run" / "eval" / f"rec{suffix}").is_file()
 
+    assert evaluate_main([str(tmp_path / "run"), "--name", "nogal", "--gallery", "0", "--limit", "2"]) == 0
+    assert "-gallery.png" not in capsys.readouterr().out  # says only what it wrote
+    assert not (tmp_path / "run" / "eval" / "nogal-gallery.png").exists()
+
 
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_same_averages_as_one(sample_shards, tmp_path):
@@ -249,11 +253,14 @@ def test_exports_without_inference_metadata_load_with_defaults(tmp_path):
 def test_run_without_shards_is_a_one_line_error(tmp_path, capsys):
     export = tiny_export(tmp_path / "run", tmp_path / "missing")
     shutil.copy(export, tmp_path / "loose.safetensors")
-    for args in ([str(tmp_path / "run")], [str(tmp_path / "loose.safetensors")],
-                 [str(tmp_path / "run"), "--name", "../../escape"]):
+    for args, message in (([str(tmp_path / "run")], "no val shards"),
+                          ([str(tmp_path / "loose.safetensors")], "give --shards"),
+                          ([str(tmp_path / "run"), "--name", "../../escape"], "--name"),
+                          ([str(tmp_path / "run"), "--weights-dir", str(tmp_path / "typo")],
+                           "--weights-dir")):
         assert evaluate_main(args) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("error: "), err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
 
 
 def test_frechet_distance_closed_form():
