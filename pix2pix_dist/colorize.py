@@ -147,10 +147,11 @@ class Colorizer:
         for (dest, rgb, _, h, w, _), one in zip(self.pending, ab):
             data = encode(compose(rgb, one[:, :h, :w]), self.opts.format, self.opts.quality)
             target = self.opts.output / dest
-            target.parent.mkdir(parents=True, exist_ok=True)
+            # Checked before mkdir, which would otherwise create folders behind the link.
             if not target.parent.resolve().is_relative_to(self.root):
                 raise CliError(f"{target.parent} leads outside --output {self.opts.output} "
                                f"(a symbolic link?); refusing to write there")
+            target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(target, data)
             self.written += 1
         self.pending.clear()

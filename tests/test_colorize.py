@@ -104,6 +104,18 @@ def test_an_input_inside_the_output_folder_is_never_overwritten(export, tmp_path
     assert sorted(p.name for p in photos.iterdir()) == ["a-2.png", "a.png"]
 
 
+def test_a_symbolic_link_in_the_output_folder_is_not_followed(export, tmp_path, capsys):
+    src, out, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
+    (src / "sub" / "deep").mkdir(parents=True)
+    _photo(src / "sub" / "deep" / "b.jpg", 40, 60)
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "sub").symlink_to(elsewhere)
+    assert colorize_main([str(src), "--generator", str(export), "--output", str(out)]) == 2
+    assert "leads outside --output" in capsys.readouterr().err
+    assert not list(elsewhere.iterdir())  # not even an empty folder
+
+
 def test_names_from_data_cannot_leave_the_output_folder():
     used: set[str] = set()
     for rel in ("../../etc/passwd.png", "..", ".hidden/.x.png", "a/../../b.png"):
