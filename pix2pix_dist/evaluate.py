@@ -390,6 +390,15 @@ def fid_report(merged: Evaluation) -> dict[str, float] | str:
             "gray": frechet_distance(sets["gray"], sets["truth"])}
 
 
+def best_and_worst(merged: Evaluation) -> list[Tiles]:
+    """The EXTREMES best then the EXTREMES worst images by ab-L1 (each once), best first, each
+    captioned with its ab-L1 so the picture says which rows are which."""
+    ranked = sorted(merged.results, key=lambda r: r.model["ab_l1"])
+    extremes = ranked[:EXTREMES] + [r for r in ranked[-EXTREMES:] if r not in ranked[:EXTREMES]]
+    return [dataclasses.replace(merged.tiles[r.index], key=f"ab-L1 {r.model['ab_l1']:.2f}  {r.key}")
+            for r in extremes]
+
+
 def _write(report: dict[str, Any], merged: Evaluation, output: Path, name: str, gallery: int) -> None:
     output.mkdir(parents=True, exist_ok=True)
     atomic_write(output / f"{name}.json", json.dumps(report, indent=1) + "\n")
@@ -400,10 +409,7 @@ def _write(report: dict[str, Any], merged: Evaluation, output: Path, name: str, 
     if first:
         atomic_write(output / f"{name}-gallery.png", gallery_png(first))
         written += ", -gallery.png"
-    ranked = sorted(merged.results, key=lambda r: r.model["ab_l1"])
-    extremes = ranked[:EXTREMES] + [r for r in ranked[-EXTREMES:] if r not in ranked[:EXTREMES]]
-    atomic_write(output / f"{name}-best-worst.png",
-                 gallery_png([merged.tiles[r.index] for r in extremes]))
+    atomic_write(output / f"{name}-best-worst.png", gallery_png(best_and_worst(merged)))
     print(text + f"\nwritten: {output / name}{written}, -best-worst.png", flush=True)
 
 

@@ -19,7 +19,8 @@ from pix2pix_dist.config import build_config
 from pix2pix_dist.data.lab import uint8_to_lab
 from pix2pix_dist.data.shards_index import find_shards
 from pix2pix_dist.colorize import main as colorize_main
-from pix2pix_dist.evaluate import NOT_COMPUTED, TrainingEval, evaluate_samples, read_split, summary
+from pix2pix_dist.evaluate import (NOT_COMPUTED, Evaluation, ImageResult, Tiles, TrainingEval,
+                                   best_and_worst, evaluate_samples, read_split, summary)
 from pix2pix_dist.evaluate import main as evaluate_main
 from pix2pix_dist.export import (INFERENCE_KEY, MODEL_KEY, ExportError, InferenceSettings,
                                  export_generator, generator_meta, load_export)
@@ -165,6 +166,18 @@ def test_norm_modes_differ_and_the_recorded_one_is_used(sample_shards, tmp_path,
     assert evaluate_main([str(tmp_path / "run"), "--name", "nogal", "--gallery", "0", "--limit", "2"]) == 0
     assert "-gallery.png" not in capsys.readouterr().out  # says only what it wrote
     assert not (tmp_path / "run" / "eval" / "nogal-gallery.png").exists()
+
+
+def test_best_and_worst_are_ranked_by_ab_l1_and_captioned():
+    tile = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    l1s = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 4.0, 6.0, 0.5]
+    merged = Evaluation([ImageResult(i, f"k{i}", {"ab_l1": v}, {}) for i, v in enumerate(l1s)], {},
+                        {i: Tiles(f"k{i}", tile, tile, tile) for i in range(len(l1s))})
+    keys = [t.key for t in best_and_worst(merged)]
+    assert keys == ["ab-L1 0.50  k9", "ab-L1 1.00  k1", "ab-L1 2.00  k5", "ab-L1 3.00  k3",
+                    "ab-L1 6.00  k8", "ab-L1 7.00  k4", "ab-L1 8.00  k6", "ab-L1 9.00  k2"]
+    merged.results = merged.results[:3]  # fewer than 2 x EXTREMES: each image once
+    assert [t.key.split()[-1] for t in best_and_worst(merged)] == ["k1", "k0", "k2"]
 
 
 @pytest.mark.slow
