@@ -52,7 +52,7 @@ class EvalOptions:
     """A run folder (its generator.safetensors and config.json) or a generator export file."""
     shards: Path | None = None
     """Shard folder; default: the run's config.json `data.shards`."""
-    split: str = "val"
+    split: Literal["train", "val"] = "val"
     """Split to evaluate."""
     output: Path | None = None
     """Output folder; default: <run folder>/eval."""
@@ -325,6 +325,8 @@ def _resolve(opts: EvalOptions) -> tuple[Path, Path, Path]:
     output = opts.output or (run or export.parent) / "eval"
     if opts.name is not None and not re.fullmatch(r"[\w-][\w.-]*", opts.name):
         raise CliError(f"--name {opts.name!r}: use letters, digits, '_', '-' and '.' (it names files)")
+    if output.exists() and not output.is_dir():
+        raise CliError(f"--output {output} exists and is not a folder")
     if opts.weights_dir is not None and not opts.weights_dir.is_dir():
         # A mistyped folder would otherwise read as "no local weights" in the report.
         raise CliError(f"--weights-dir {opts.weights_dir} is not a folder")
@@ -338,6 +340,7 @@ def run(opts: EvalOptions) -> dict[str, Any]:
     from accelerate import PartialState
 
     export_path, shards_path, output = _resolve(opts)
+    output.mkdir(parents=True, exist_ok=True)  # a read-only or impossible --output fails before the work
     state = PartialState(cpu=not torch.cuda.is_available())
     exported: GeneratorExport = load_export(export_path, state.device)
     settings = exported.settings
@@ -447,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse(EvalOptions, argv, prog="pix2pix-eval", description=__doc__.split("\n\n")[0])
         run(opts)
-    except (CliError, ExportError, DataError) as exc:
+    except (CliError, ExportError, DataError, OSError) as exc:  # OSError: a full or read-only disk
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

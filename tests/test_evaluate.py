@@ -270,7 +270,10 @@ def test_run_without_shards_is_a_one_line_error(tmp_path, capsys):
                           ([str(tmp_path / "loose.safetensors")], "give --shards"),
                           ([str(tmp_path / "run"), "--name", "../../escape"], "--name"),
                           ([str(tmp_path / "run"), "--weights-dir", str(tmp_path / "typo")],
-                           "--weights-dir")):
+                           "--weights-dir"),
+                          ([str(tmp_path / "run"), "--output", str(export)], "not a folder"),
+                          ([str(tmp_path / "run"), "--output", str(export / "sub")], "Not a directory"),
+                          ([str(tmp_path / "run"), "--split", "test"], "--split")):
         assert evaluate_main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
