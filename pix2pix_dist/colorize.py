@@ -27,7 +27,7 @@ from PIL import Image
 from .atomic import atomic_write
 from .cli import CliError, parse
 from .export import ExportError, GeneratorExport, NormMode, load_export
-from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Skip, load_rgb
+from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Skip, display_name, load_rgb
 from .inference import GeometryError, compose, image_seed, model_input, predict_ab
 
 PROGRESS_MIN_FILES = 6
@@ -119,7 +119,7 @@ class Colorizer:
 
     def skip(self, path: Path, reason: str, detail: str, say) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        say(f"skipped {path}: {detail}")
+        say(f"skipped {display_name(str(path))}: {detail}")  # one line, whatever the name
 
     def add(self, path: Path, relative: Path, say) -> None:
         try:

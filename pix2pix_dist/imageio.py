@@ -28,6 +28,13 @@ time in chunks; the shard writer, with one decoder per core, sets a lower one of
 _WIDE_GRAY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
+def display_name(relpath: str) -> str:
+    """A file name as it can be printed and stored in JSON: bytes that are not UTF-8 as \\xNN,
+    control characters (a newline in a name...) escaped, so one name stays on one line."""
+    text = relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class Skip(Exception):
     """An input that is skipped and counted; `reason` is the count's name, str() the detail."""
 

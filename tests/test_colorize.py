@@ -141,7 +141,7 @@ def test_hostile_inputs_are_skipped_and_counted_without_blocking(export, tmp_pat
     _photo(src / "big.png", 300, 300)  # over --max-pixels below
     os.mkfifo(src / "pipe.jpg")  # opening it for reading would block forever
     _bomb_png(src / "bomb.png", 30000, 30000)  # PIL's decompression-bomb error, 900 MP
-    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (src / "bro\nken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     Image.fromarray(np.zeros((2, 400, 3), np.uint8)).save(src / "strip.png")
     gradient = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
     Image.fromarray(gradient).save(src / "deep.png")  # 16-bit grayscale (mode I;16)
@@ -153,6 +153,7 @@ def test_hostile_inputs_are_skipped_and_counted_without_blocking(export, tmp_pat
     assert "colorized 2 image(s)" in proc.stdout
     assert "skipped 5 (1 not_a_file, 2 too_large, 1 too_thin, 1 unreadable)" in proc.stdout
     assert "Traceback" not in proc.stderr
+    assert "bro\\nken.jpg: " in proc.stderr  # a newline in a name does not split the line
     deep = np.asarray(Image.open(out / "deep.png").convert("L"), dtype=float)
     expected = gradient / 257.0
     assert abs(deep.mean() - expected.mean()) < 3, (deep.mean(), expected.mean())  # not near white

@@ -14,7 +14,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..imageio import IMAGE_EXTENSIONS
+from ..imageio import IMAGE_EXTENSIONS, display_name
 from .errors import ShardError
 
 SAMPLE = "sample"
@@ -147,13 +147,6 @@ def open_source(spec: str | os.PathLike) -> Source:
         exts = ", ".join(IMAGE_EXTENSIONS)
         raise ShardError(f"no images in {spec} (looked for {exts}, in subfolders too)")
     return src
-
-
-def display_name(relpath: str) -> str:
-    """A file name as it can be printed and stored in JSON: bytes that are not UTF-8 as \\xNN,
-    control characters (a newline in a name...) escaped, so one name stays on one line."""
-    text = relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _looks_like_zip(path: Path) -> bool:
