@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write, fsync_dir
-from .export import export_generator
+from .export import EXPORT_NAME, export_generator
 from .ranks import RankError, agree, all_gather
 
 if TYPE_CHECKING:
@@ -258,10 +258,10 @@ class CheckpointManager:
             files[f"rng-rank{self.rank}.pt"] = _save_file(rng_state(), tmp / f"rng-rank{self.rank}.pt")
             if self.main:
                 files["state.pt"] = _save_file(self._state(step, nonfinite), tmp / "state.pt")
-                export_generator(self.nets.G_raw, tmp / "generator.safetensors", self.generator_meta(step))
-                files["generator.safetensors"] = {
-                    "bytes": (tmp / "generator.safetensors").stat().st_size,
-                    "sha256": sha256_file(tmp / "generator.safetensors")}
+                export_generator(self.nets.G_raw, tmp / EXPORT_NAME, self.generator_meta(step))
+                files[EXPORT_NAME] = {
+                    "bytes": (tmp / EXPORT_NAME).stat().st_size,
+                    "sha256": sha256_file(tmp / EXPORT_NAME)}
         except OSError as exc:
             error = _write_error(final, exc)
         gathered = all_gather((files, error))
@@ -275,7 +275,7 @@ class CheckpointManager:
                     shutil.rmtree(final)
                 tmp.rename(final)
                 fsync_dir(root)
-                export_generator(self.nets.G_raw, self.run_dir / "generator.safetensors",
+                export_generator(self.nets.G_raw, self.run_dir / EXPORT_NAME,
                                  self.generator_meta(step))
                 for old in list_checkpoints(self.run_dir)[:-self.keep]:
                     shutil.rmtree(old, ignore_errors=True)

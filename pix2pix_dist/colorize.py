@@ -39,7 +39,7 @@ class ColorizeOptions:
     inputs: tyro.conf.Positional[list[Path]]
     """Image files or folders (searched recursively)."""
     generator: Path
-    """A generator export (generator.safetensors in a run folder or a checkpoint)."""
+    """A generator export: generator.safetensors, or the run or checkpoint folder that holds it."""
     output: Path = Path("colorized")
     """Output folder; the input folders' structure is kept below it."""
     format: Literal["png", "jpeg"] = "png"

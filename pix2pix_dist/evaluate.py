@@ -34,8 +34,8 @@ from .data.lab import lab_to_rgb, uint8_to_lab
 from .data.sampling import rank_range
 from .data.shards_index import ShardSet, find_shards
 from .data.torch_pipeline import _read, _segments, decode
-from .export import (ExportError, GeneratorExport, InferenceSettings, NormMode, generator_meta,
-                     load_export)
+from .export import (ExportError, GeneratorExport, InferenceSettings, NormMode, export_path,
+                     generator_meta, load_export)
 from .inference import (GeometryError, colorize_one, compose, image_seed, inference_copy,
                         model_shape, predict_ab, training_view)
 from .metrics import (METRICS, fid_features, fid_network, frechet_distance, image_metrics,
@@ -311,7 +311,7 @@ def _run_folder(target: Path) -> Path | None:
 def _resolve(opts: EvalOptions) -> tuple[Path, Path, Path]:
     """(export file, shards folder, output folder) from the options; CliError when unclear."""
     target = opts.target
-    export = target / "generator.safetensors" if target.is_dir() else target
+    export = export_path(target)
     run = _run_folder(target)
     shards = opts.shards
     if shards is None:

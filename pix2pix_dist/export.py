@@ -28,6 +28,8 @@ from .atomic import atomic_write
 from .config import Config
 from .models import UNetGenerator
 
+EXPORT_NAME = "generator.safetensors"
+"""The export's file name in a run folder and in each checkpoint folder."""
 MODEL_KEY = "pix2pix_dist.generator"
 INFERENCE_KEY = "pix2pix_dist.inference"
 
@@ -86,9 +88,17 @@ def export_generator(generator: nn.Module, path: Path, meta: dict[str, dict[str,
     atomic_write(Path(path), save(tensors, metadata=metadata))
 
 
+def export_path(target: str | Path) -> Path:
+    """The export file of `target`: the file itself, or the EXPORT_NAME inside a run folder or a
+    checkpoint folder."""
+    target = Path(target)
+    return target / EXPORT_NAME if target.is_dir() else target
+
+
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> GeneratorExport:
-    """Read and validate an export; ExportError (one line) when it cannot be used."""
-    path = Path(path)
+    """Read and validate an export (a file, or a run or checkpoint folder holding one);
+    ExportError (one line) when it cannot be used."""
+    path = export_path(path)
     if not path.is_file():
         raise ExportError(f"no generator export at {path}")
     try:

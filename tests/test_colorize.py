@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -216,3 +217,17 @@ def test_bad_options_are_one_line_errors(export, tmp_path, capsys, args, message
                           "--output", str(tmp_path / "out")]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: ") and message in line
+
+
+def test_a_run_folder_stands_for_its_generator_export(export, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(export, run / "generator.safetensors")
+    _photo(tmp_path / "p.png", 96, 128)
+    for name, generator in (("by_file", export), ("by_folder", run)):
+        assert colorize_main([str(tmp_path / "p.png"), "--generator", str(generator),
+                              "--output", str(tmp_path / name)]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "by_file" / "p.png")),
+                          np.asarray(Image.open(tmp_path / "by_folder" / "p.png")))
+    assert colorize_main([str(tmp_path / "p.png"), "--generator", str(tmp_path),
+                          "--output", str(tmp_path / "none")]) == 2  # a folder without an export
