@@ -34,8 +34,13 @@ class RankError(RuntimeError):
 
 def rank_and_world() -> tuple[int, int]:
     """This process's global rank and the world size, from the launcher's environment (which
-    is there before, and after, the process group)."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    is there before, and after, the process group). ValueError (one line) when they make no
+    sense: a launcher never sets such values, a user may (`WORLD_SIZE=0 train.py --dry-run`)."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    if not (rank.isdigit() and world.isdigit() and int(rank) < int(world)):
+        raise ValueError(f"RANK={rank!r} and WORLD_SIZE={world!r} must be whole numbers with "
+                         f"0 <= RANK < WORLD_SIZE")
+    return int(rank), int(world)
 
 
 def die_with_parent() -> None:

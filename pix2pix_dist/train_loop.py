@@ -358,12 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     """Every failure a user can act on ends as one line (`error: [rank R] ...` from the rank that
     hit it when several run), exit code 2; errors every rank agreed on are printed by rank 0."""
     argv = sys.argv[1:] if argv is None else argv
-    rank, world = rank_and_world()
+    try:
+        rank, world = rank_and_world()
+    except ValueError as exc:  # before report_error, which needs them
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         cfg, dry_run = parse_command(argv)
         if dry_run:  # no Accelerator: the launcher's WORLD_SIZE is the world size
-            recipe = recipe_for(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-            if os.environ.get("RANK", "0") == "0":
+            recipe = recipe_for(cfg, world)
+            if rank == 0:
                 print(f"{recipe.describe()}\ndry run: nothing was built or trained")
             return 0
         train(cfg)

@@ -119,6 +119,15 @@ def test_dry_run_with_a_decay_and_a_bad_world_size(shards_32, monkeypatch, capsy
                         "sizes: 15 or 18 (or pin the per-process batch with data.batch_size)\n")
 
 
+@pytest.mark.parametrize("world", ["0", "abc", "-2", ""])
+def test_dry_run_with_a_nonsense_world_size_is_one_line(shards_32, monkeypatch, capsys, world):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    assert main(["--preset", "tutorial", f"data.shards={shards_32}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: RANK='0' and WORLD_SIZE={world!r} must be whole numbers with "
+                   f"0 <= RANK < WORLD_SIZE\n")
+
+
 def _stripes(height: int, width: int) -> torch.Tensor:
     """uint8 (3,H,W): red, green and blue thirds from left to right."""
     img = torch.zeros(3, height, width, dtype=torch.uint8)
