@@ -400,6 +400,7 @@ def test_cli_errors_are_one_line(tmp_path):
         (["--source", "sample", "--output", str(tmp_path / "afile" / "out")], "not writable"),
         (["--source", "sample", "--output", str(tmp_path / "o3"), "--val-fraction", "1.5"], "--val-fraction"),
         (["--verify"], "--output"),
+        (["--verify", "--output", str(tmp_path / "missing")], "is not a folder of shards"),
         (["--source", "sample", "--val-source", str(sample_dir()), "--output", str(tmp_path / "o5")],
          "--val-source is the same as --source"),
         (["--source", "sample", "--output", str(tmp_path / "o6"), "--max-bytes", "lots"], "--max-bytes"),

@@ -63,8 +63,8 @@ def _report(problems: list[str], out: Path, show: int = 20) -> int:
 
 
 def _verify(out: Path, workers: int | None) -> int:
-    if not out.is_dir():
-        return _report([f"{out}: no such folder"], out)
+    if not out.is_dir():  # a wrong argument (exit 2), not a damaged folder (exit 1)
+        raise ShardError(f"--verify: {out} is not a folder of shards")
     try:
         lock = FolderLock(out, "shard writer").acquire()
     except OSError:  # a read-only dataset folder: no writer of ours can be in it either
