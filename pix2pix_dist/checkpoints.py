@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from .recipe import Recipe
 
 PREFIX = "step-"
+DAMAGED_SUFFIX = ".damaged"
+"""A damaged checkpoint passed over by resume is renamed `step-N.damaged`."""
 MANIFEST = "manifest.json"
 FORMAT = 1
 
@@ -348,13 +350,23 @@ class CheckpointManager:
             except CheckpointError as exc:
                 raise CheckpointError(f"checkpoint {resume} is damaged: {exc}") from exc
             return Path(resume)
+        damaged: list[Path] = []
         for path in reversed(existing):
             try:
                 verify_checkpoint(path)
-                return path
             except CheckpointError as exc:
                 print(f"warning: skipping damaged checkpoint {path}: {exc}; trying the one before",
                       flush=True)
+                damaged.append(path)
+                continue
+            # Moved aside (kept for inspection), so that pruning after the next saves counts
+            # only intact checkpoints and never deletes this good one while keeping them.
+            for bad in damaged:
+                aside = bad.with_name(bad.name + DAMAGED_SUFFIX)
+                shutil.rmtree(aside, ignore_errors=True)
+                bad.rename(aside)
+                print(f"warning: moved damaged checkpoint {bad.name} aside to {aside.name}", flush=True)
+            return path
         if existing:
             raise CheckpointError(f"every checkpoint in {checkpoint_root(self.run_dir)} is damaged "
                                   f"(see the warnings above); move them away to start again, or "

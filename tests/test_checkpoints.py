@@ -105,6 +105,12 @@ def test_a_damaged_file_falls_back_to_the_previous_checkpoint(tmp_path, accelera
     out = capsys.readouterr().out
     assert f"skipping damaged checkpoint {tmp_path / 'checkpoints' / 'step-00000004'}" in out
     assert damaged in out
+    # Set aside, so pruning counts intact checkpoints only: with keep=2, saving 3 and 4 again
+    # must keep the good 2 out of it until two newer intact ones exist.
+    assert saved_steps(tmp_path) == [2] and (tmp_path / "checkpoints" / "step-00000004.damaged").is_dir()
+    fresh.keep = 2
+    fresh.save(3, nonfinite=0)
+    assert saved_steps(tmp_path) == [2, 3]
 
 
 def test_damaged_everywhere_or_named_damaged_is_an_error_not_a_fresh_start(tmp_path, accelerator):
