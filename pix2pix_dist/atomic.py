@@ -1,7 +1,9 @@
-"""Atomic file writes: readers see the old file or the new one, never half of either."""
+"""Atomic file writes (readers see the old file or the new one, never half of either) and the
+file checksum that the shard writer and the checkpoints both record."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -34,3 +36,12 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (shards and checkpoints are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()

@@ -17,7 +17,6 @@ Design notes (resume semantics, integrity, fallback): docs/design.md, "Checkpoin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -28,9 +27,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from .atomic import atomic_write, fsync_dir
+from .atomic import atomic_write, file_sha256, fsync_dir
 from .export import EXPORT_NAME, export_generator
 from .ranks import RankError, agree, all_gather
 
@@ -63,12 +61,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _file_entry(path: Path) -> dict[str, Any]:
+    """A file's manifest entry, read back from disk, so it is what reached the file."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -87,7 +82,7 @@ def verify_checkpoint(path: Path) -> None:
                 raise CheckpointError(f"{name} is {(path / name).stat().st_size} bytes, "
                                       f"{entry['bytes']} when saved")
         for name, entry in files.items():
-            if sha256_file(path / name) != entry["sha256"]:
+            if file_sha256(path / name) != entry["sha256"]:
                 raise CheckpointError(f"{name} does not match its sha256 (damaged after saving)")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"unreadable manifest or file ({type(exc).__name__}: {exc})") from exc
@@ -147,7 +142,7 @@ class _WriteErrorKeeper:
 
 
 def _save_file(obj: Any, path: Path) -> dict[str, Any]:
-    """torch.save + fsync; the file's manifest entry (read back, so it is what reached the file)."""
+    """torch.save + fsync; the file's manifest entry."""
     with open(path, "wb") as f:
         keeper = _WriteErrorKeeper(f)
         try:
@@ -158,7 +153,7 @@ def _save_file(obj: Any, path: Path) -> dict[str, Any]:
             raise keeper.error from None  # the RuntimeError only repeats it, less clearly
         f.flush()
         os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return _file_entry(path)
 
 
 def _write_error(what: Path, exc: OSError) -> str:
@@ -261,9 +256,7 @@ class CheckpointManager:
             if self.main:
                 files["state.pt"] = _save_file(self._state(step, nonfinite), tmp / "state.pt")
                 export_generator(self.nets.G_raw, tmp / EXPORT_NAME, self.generator_meta(step))
-                files[EXPORT_NAME] = {
-                    "bytes": (tmp / EXPORT_NAME).stat().st_size,
-                    "sha256": sha256_file(tmp / EXPORT_NAME)}
+                files[EXPORT_NAME] = _file_entry(tmp / EXPORT_NAME)
         except OSError as exc:
             error = _write_error(final, exc)
         gathered = all_gather((files, error))

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pix2pix_dist.checkpoints import (MANIFEST, CheckpointError, CheckpointManager,
-                                      list_checkpoints, sha256_file, verify_checkpoint)
+                                      list_checkpoints, verify_checkpoint)
+from pix2pix_dist.atomic import file_sha256
 from pix2pix_dist.config import Config
 from pix2pix_dist.export import generator_meta
 from pix2pix_dist.gan_step import build_networks
@@ -67,7 +68,7 @@ def test_resume_restores_every_part_of_the_state(tmp_path, accelerator):
     manifest = json.loads((path / MANIFEST).read_text())
     assert set(manifest["files"]) == {"state.pt", "rng-rank0.pt", "generator.safetensors"}
     for name, entry in manifest["files"].items():
-        assert entry == {"bytes": (path / name).stat().st_size, "sha256": sha256_file(path / name)}
+        assert entry == {"bytes": (path / name).stat().st_size, "sha256": file_sha256(path / name)}
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
     fresh = manager(tmp_path, accelerator)

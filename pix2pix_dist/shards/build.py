@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 import pix2pix_dist
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, file_sha256
+from ..imageio import display_name
 from ..locking import FolderLock
 from ..shard_format import (FORMAT, MANIFEST, PROGRESS, SHARD_FILE, SPLITS, ManifestError, load_manifest,
                             manifest_records, shard_name)
@@ -37,8 +38,8 @@ from .images import ImageSettings
 from .options import ShardLimit, ShardOptions, parse_max_bytes, parse_shard_size, validate
 from .pool import Executor, Result, Task
 from .progress import Progress
-from .sources import SAMPLE, Source, assign_keys, display_name, open_source
-from .writer import TarShard, file_sha256, sample_nbytes
+from .sources import SAMPLE, Source, assign_keys, open_source
+from .writer import TarShard, sample_nbytes
 
 MAX_EXAMPLES = 5
 

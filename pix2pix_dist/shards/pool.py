@@ -30,11 +30,11 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..imageio import NOT_A_FILE
+from ..imageio import NOT_A_FILE, display_name
 from ..lifetime import set_parent_death_signal
 from .errors import ShardError
 from .images import Converted, ImageSettings, convert_image
-from .sources import NOT_REGULAR, NotRegularFile, Reader, display_name
+from .sources import NOT_REGULAR, NotRegularFile, Reader
 
 PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent still exists
 

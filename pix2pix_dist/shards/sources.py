@@ -14,7 +14,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..imageio import IMAGE_EXTENSIONS, display_name
+from ..imageio import IMAGE_EXTENSIONS
 from .errors import ShardError
 
 SAMPLE = "sample"

@@ -22,7 +22,7 @@ from ..shard_format import (MANIFEST, SHARD_FILE, ManifestError, group_samples, 
                              manifest_records, render_index, sample_entry, split_name)
 from .errors import ShardError
 from .pool import WorkerDied, WorkerPool
-from .writer import file_sha256
+from ..atomic import file_sha256
 
 
 def _check_jpeg(data: bytes, meta: dict[str, Any]) -> str | None:

@@ -105,11 +105,3 @@ class TarShard:
         finally:
             self.tmp.unlink(missing_ok=True)
             self.idx_tmp.unlink(missing_ok=True)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
