@@ -5,7 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 SOURCE ?= sample
-NAME   ?= $(if $(filter sample,$(SOURCE)),sample,$(notdir $(patsubst %/,%,$(basename $(SOURCE)))))
+# shards/<folder or zip name>: only the archive suffix sources.py reads (.zip) is stripped, so
+# SOURCE=coco.v2 (a folder) gives shards/coco.v2.
+NAME   ?= $(notdir $(patsubst %.zip,%,$(patsubst %.ZIP,%,$(SOURCE:%/=%))))
 SHARDS ?= shards/$(NAME)
 RESIZE ?=
 LIMIT  ?=

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -389,6 +390,18 @@ def test_files_above_max_bytes_are_skipped_unread(tmp_path):
 def run_cli(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", "pix2pix_dist.shards", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=60, **kw)
+
+
+@pytest.mark.parametrize("source, name", [
+    ("coco.v2", "coco.v2"), ("/data/coco/train2017.zip", "train2017"), ("/data/X.ZIP", "X"),
+    ("/data/coco/train2017/", "train2017"), ("/data/a.b/c", "c"), ("sample", "sample")])
+def test_make_shards_names_the_output_after_the_source(source, name):
+    """`make shards` writes to shards/<folder or zip name>: only a .zip suffix is stripped."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    cmd = subprocess.run(["make", "-n", "shards", f"SOURCE={source}"], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    assert f" --output shards/{name} " in cmd
 
 
 def test_cli_errors_are_one_line(tmp_path):
