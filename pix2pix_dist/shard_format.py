@@ -13,6 +13,7 @@ dicts, not `TarInfo`s; the DALI index needs the offsets, and resume needs byte-i
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import tarfile
@@ -56,18 +57,10 @@ def split_name(name: str) -> tuple[str, str]:
 def group_samples(members: Iterable[tarfile.TarInfo]) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
     """(key, members) per sample: consecutive regular files sharing a key, in tar order. Other
     members (folders, links, dot files, names without a key) are left out, as wds2idx does."""
-    key, group = None, []
-    for m in members:
-        base, _ = split_name(m.name)
-        if not m.isreg() or not base or base.endswith("/"):
-            continue
-        if base != key and group:
-            yield key, group  # type: ignore[misc]
-            group = []
-        key = base
-        group.append(m)
-    if group:
-        yield key, group  # type: ignore[misc]
+    keyed = ((split_name(m.name)[0], m) for m in members if m.isreg())
+    usable = ((key, m) for key, m in keyed if key and not key.endswith("/"))
+    for key, group in itertools.groupby(usable, key=lambda km: km[0]):
+        yield key, [m for _, m in group]
 
 
 # -- the DALI index (byte for byte what DALI's wds2idx writes) ------------------------------------
