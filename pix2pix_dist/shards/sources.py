@@ -11,6 +11,7 @@ import os
 import re
 import stat
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -53,7 +54,7 @@ class Source:
 def sample_dir() -> Path:
     import skimage.data
 
-    return Path(os.path.dirname(skimage.data.__file__))
+    return Path(skimage.data.__file__).parent
 
 
 def _is_hidden(part: str) -> bool:
@@ -173,13 +174,7 @@ def _base_key(relpath: str, strip: int) -> str:
 
 def _common_dir_depth(relpaths: list[str]) -> int:
     """Number of leading folders shared by every path (COCO zips wrap all in 'train2017/')."""
-    split = [p.replace("\\", "/").split("/")[:-1] for p in relpaths]
-    depth = 0
-    for parts in zip(*split):
-        if any(p != parts[0] for p in parts):
-            break
-        depth += 1
-    return depth
+    return len(os.path.commonprefix([p.replace("\\", "/").split("/")[:-1] for p in relpaths]))
 
 
 def assign_keys(sources: list[Source]) -> list[list[str]]:
@@ -194,10 +189,7 @@ def assign_keys(sources: list[Source]) -> list[list[str]]:
     for src in sources:
         depth = _common_dir_depth([c.relpath for c in src.candidates])
         keys.append([_base_key(c.relpath, depth) for c in src.candidates])
-    counts: dict[str, int] = {}
-    for ks in keys:
-        for k in ks:
-            counts[k] = counts.get(k, 0) + 1
+    counts = Counter(k for ks in keys for k in ks)
     seen: set[str] = set()
     for si, (src, ks) in enumerate(zip(sources, keys)):
         for i, k in enumerate(ks):
