@@ -23,8 +23,9 @@ import os
 import random
 import sys
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pix2pix_dist
 
@@ -85,24 +86,20 @@ class SplitWriter:
         self.current: TarShard | None = None
         self.unpublished: list[TarShard] = []
 
-    def path(self, i: int) -> Path:
-        return self.out / shard_name(self.split, i)
-
     def add(self, pos: int, key: str, files: list[tuple[str, bytes]]) -> bool:
         """Append a sample; True when this completed a shard (time to checkpoint)."""
-        completed = False
-        if (self.current is not None and self.limit.max_bytes is not None
-                and self.current.offset + sample_nbytes(files) + 1024 > self.limit.max_bytes):
+        full = (self.current is not None and self.limit.max_bytes is not None
+                and self.current.offset + sample_nbytes(files) + 1024 > self.limit.max_bytes)
+        if full:
             self._finish()
-            completed = True
         if self.current is None:
-            self.current = TarShard(self.path(len(self.shards)))
+            self.current = TarShard(self.out / shard_name(self.split, len(self.shards)))
         self.current.add(key, files)
         self.members.append(pos)
         if self.limit.max_samples is not None and self.current.samples >= self.limit.max_samples:
             self._finish()
-            completed = True
-        return completed
+            return True
+        return full
 
     def _finish(self) -> None:
         assert self.current is not None
@@ -203,11 +200,6 @@ def _prepare_output(out: Path) -> None:
         raise ShardError(f"output folder is not writable: {out} ({e.strerror or e})") from None
 
 
-def _remove_files(out: Path, names: set[str]) -> None:
-    for name in names:
-        (out / name).unlink(missing_ok=True)
-
-
 class Builder:
     def __init__(self, opts: ShardOptions, log: Callable[[str], None]):
         validate(opts)
@@ -235,7 +227,7 @@ class Builder:
             # random subset of all the images) is shared in proportion to the two file counts.
             n_train, n_val_files = len(sources[0].candidates), len(sources[1].candidates)
             n_val = val_count(opts.limit, n_val_files / (n_train + n_val_files)) if opts.limit else None
-            train_cap = opts.limit - n_val if opts.limit and n_val is not None else None
+            train_cap = opts.limit - n_val if opts.limit else None
             self.streams = [Stream(0, sources[0], keys[0], opts.seed, train_cap, "train"),
                             Stream(1, sources[1], keys[1], opts.seed, n_val, "val")]
         self.fingerprint = self._fingerprint()
@@ -267,15 +259,12 @@ class Builder:
 
     # -- state -----------------------------------------------------------------------------
 
-    def _save_state(self) -> None:
-        atomic_write(self.out / PROGRESS, json.dumps(self.state, separators=(",", ":")).encode())
-
     def _checkpoint(self) -> None:
         """Record progress, then publish the shards it records (record first: a shard file that
         exists under its final name is always listed, with its checksum, in progress.json)."""
         for s, w in self.writers.items():
             self.state["splits"][s]["open"] = list(w.members)
-        self._save_state()
+        atomic_write(self.out / PROGRESS, json.dumps(self.state, separators=(",", ":")))
         for w in self.writers.values():
             w.publish()
 
@@ -286,9 +275,6 @@ class Builder:
         if len(ex) < MAX_EXAMPLES:
             where = r.relpath if len(self.sources) == 1 else f"{self.sources[r.stream].name}/{r.relpath}"
             ex.append(display_name(where))
-
-    def _split_stream(self, split: str) -> Stream:
-        return next(st for st in self.streams if st.split in (split, None))
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -303,7 +289,10 @@ class Builder:
         _refuse_foreign_files(self.out, owned)
         if state is not None and state.get("fingerprint") == self.fingerprint:
             self.state = state
-            kept, bad = self._check_complete_shards()
+            records = [(s, i, rec) for s in SPLITS
+                       for i, rec in enumerate(state["splits"][s]["shards"])]
+            bad = [(s, i) for s, i, rec in records if not _shard_intact(self.out, rec)]
+            kept = len(records) - len(bad)
             if state["done"] and not bad:
                 self.log(f"up to date: all {kept} shards in {self.out} match their checksums")
                 return self._write_manifest()
@@ -317,7 +306,8 @@ class Builder:
             self.log(f"options or source files changed: rebuilding all shards in {self.out}")
         (self.out / MANIFEST).unlink(missing_ok=True)
         (self.out / PROGRESS).unlink(missing_ok=True)
-        _remove_files(self.out, owned)
+        for name in owned:
+            (self.out / name).unlink(missing_ok=True)
         self.state = _fresh_state(self.fingerprint, len(self.streams))
         for si, src in enumerate(self.sources):  # counted once per build, like unreadable files
             for folder in src.unreadable_folders:
@@ -353,27 +343,14 @@ class Builder:
             raise ShardError(f"no usable images: all were skipped ({skipped})")
         return self._write_manifest()
 
-    def _check_complete_shards(self) -> tuple[int, list[tuple[str, int]]]:
-        kept, bad = 0, []
-        for s in SPLITS:
-            for i, rec in enumerate(self.state["splits"][s]["shards"]):
-                if _shard_intact(self.out, rec):
-                    kept += 1
-                else:
-                    bad.append((s, i))
-        return kept, bad
-
     def _rebuild(self, executor: Executor, bad: list[tuple[str, int]]) -> None:
         """Re-create missing/damaged complete shards from their recorded member lists."""
         for split, i in bad:
             rec = self.state["splits"][split]["shards"][i]
-            stream = self._split_stream(split)
             shard = TarShard(self.out / rec["tar"])
             try:
-                for r in executor.map(stream.task(p) for p in rec["members"]):
-                    if r.files is None:
-                        raise _SourceChanged(display_name(r.relpath))
-                    shard.add(r.key, r.files)
+                for r in self._replay(executor, split, rec["members"]):
+                    shard.add(r.key, r.files)  # type: ignore[arg-type]
                 if shard.finish()["sha256"] != rec["sha256"]:
                     raise _SourceChanged(f"an image of {rec['tar']}")  # same names and sizes, new bytes
                 shard.publish()
@@ -385,56 +362,60 @@ class Builder:
     def _refill(self, executor: Executor) -> None:
         """Put back the samples of shards that were still open when the last run stopped."""
         for s, w in self.writers.items():
-            stream = self._split_stream(s)
-            for r in executor.map(stream.task(p) for p in self.state["splits"][s]["open"]):
-                if r.files is None:
-                    raise _SourceChanged(display_name(r.relpath))
-                w.add(r.pos, r.key, r.files)
+            for r in self._replay(executor, s, self.state["splits"][s]["open"]):
+                w.add(r.pos, r.key, r.files)  # type: ignore[arg-type]
+
+    def _replay(self, executor: Executor, split: str, positions: list[int]) -> Iterator[Result]:
+        """Results of the candidates an earlier run accepted into `split`, at stream positions
+        `positions`; _SourceChanged when one of them is no longer accepted."""
+        stream = next(st for st in self.streams if st.split in (split, None))
+        for r in executor.map(stream.task(p) for p in positions):
+            if r.files is None:
+                raise _SourceChanged(display_name(r.relpath))
+            yield r
 
     def _run_stream(self, executor: Executor, stream: Stream) -> None:
-        si = stream.index
-        start = self.state["positions"][si]
-        n = len(stream.order)
-        if stream.cap is not None:
-            progress = Progress(self.opts.progress, stream.cap, self.state["accepted"][si], "samples", self._desc(stream))
+        si, n, cap, f = stream.index, len(stream.order), stream.cap, self.opts.val_fraction
+        accepted, positions = self.state["accepted"], self.state["positions"]
+        name = stream.source.name
+        desc = name if len(self.streams) == 1 else f"{stream.split}: {name}"
+        # With a cap (--limit), progress counts accepted samples towards it; else images read.
+        if cap is not None:
+            progress = Progress(self.opts.progress, cap, accepted[si], "samples", desc)
         else:
-            progress = Progress(self.opts.progress, n, start, "img", self._desc(stream))
+            progress = Progress(self.opts.progress, n, positions[si], "img", desc)
         try:
-            if stream.cap is not None and self.state["accepted"][si] >= stream.cap:
+            if cap is not None and accepted[si] >= cap:
                 return
-            for r in executor.map(stream.task(p) for p in range(start, n)):
+            for r in executor.map(stream.task(p) for p in range(positions[si], n)):
                 completed = False
                 if r.files is None:
                     self._skip(r)
                 else:
-                    acc = self.state["accepted"][si]
-                    split = stream.split or (
-                        "val" if val_count(acc + 1, self.opts.val_fraction) > val_count(acc, self.opts.val_fraction)
-                        else "train")
+                    acc = accepted[si]
+                    to_val = val_count(acc + 1, f) > val_count(acc, f)
+                    split = stream.split or ("val" if to_val else "train")
                     completed = self.writers[split].add(r.pos, r.key, r.files)
-                    self.state["accepted"][si] = acc + 1
-                self.state["positions"][si] = r.pos + 1
+                    accepted[si] = acc + 1
+                positions[si] = r.pos + 1
                 if completed:
                     self._checkpoint()
-                progress.update(self.state["accepted"][si] if stream.cap is not None else r.pos + 1,
+                progress.update(accepted[si] if cap is not None else r.pos + 1,
                                 sum(self.state["skipped"].values()))
-                if stream.cap is not None and self.state["accepted"][si] >= stream.cap:
+                if cap is not None and accepted[si] >= cap:
                     break
         finally:
             progress.close()
 
-    def _desc(self, stream: Stream) -> str:
-        return stream.source.name if len(self.streams) == 1 else f"{stream.split}: {stream.source.name}"
-
     # -- outputs ---------------------------------------------------------------------------
 
-    def manifest(self) -> dict[str, Any]:
+    def _write_manifest(self) -> dict[str, Any]:
         splits = {}
         for s in SPLITS:
             shards = [{k: v for k, v in r.items() if k != "members"} for r in self.state["splits"][s]["shards"]]
             splits[s] = {"samples": sum(r["samples"] for r in shards), "bytes": sum(r["bytes"] for r in shards),
                          "shards": shards}
-        return {
+        manifest = {
             "format": FORMAT,
             "tool_version": pix2pix_dist.__version__,
             "dataset": self.sources[0].name,
@@ -446,15 +427,8 @@ class Builder:
             "candidates": {s.name if len(self.sources) == 1 else f"{st.split}:{s.name}": len(s.candidates)
                            for s, st in zip(self.sources, self.streams)},
         }
-
-    def _write_manifest(self) -> dict[str, Any]:
-        m = self.manifest()
-        atomic_write(self.out / MANIFEST, (json.dumps(m, indent=2) + "\n").encode())
-        return m
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+        atomic_write(self.out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        return manifest
 
 
 def build_shards(opts: ShardOptions) -> dict[str, Any]:
@@ -463,7 +437,8 @@ def build_shards(opts: ShardOptions) -> dict[str, Any]:
     Re-running with the same options keeps complete shards and finishes the rest. Raises
     ShardError for user-facing problems; Ctrl-C (KeyboardInterrupt) keeps complete shards.
     """
-    builder = Builder(opts, _stderr if opts.progress else lambda _msg: None)
+    log = partial(print, file=sys.stderr, flush=True) if opts.progress else lambda _: None
+    builder = Builder(opts, log)
     try:
         return builder.run()
     except OSError as e:  # disk full, permissions changed mid-run...: complete shards are kept
