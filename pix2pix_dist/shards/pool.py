@@ -242,11 +242,6 @@ class Converter:
         return Result(*task[:4], [("jpg", out.jpeg), ("json", meta_bytes)], None, None)
 
 
-def worker_died(what: str) -> ShardError:
-    return ShardError(f"a worker process died (out of memory?) while processing {what}; complete "
-                      f"shards are kept, run the same command again to resume")
-
-
 class Executor:
     """Converts tasks in `workers` processes (in the calling process when workers == 1)."""
 
@@ -268,7 +263,9 @@ class Executor:
                 yield from results
         except WorkerDied as e:
             # Exactly the batch the dead worker held (the pool cannot tell which of its images).
-            raise worker_died(self._where(e.job) if e.job else f"an image of {self.sources[0][1]}") from None
+            what = self._where(e.job) if e.job else f"an image of {self.sources[0][1]}"
+            raise ShardError(f"a worker process died (out of memory?) while processing {what}; "
+                             f"complete shards are kept, run the same command again to resume") from None
 
     def _where(self, chunk: list[Task]) -> str:
         first = chunk[0]

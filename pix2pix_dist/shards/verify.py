@@ -13,6 +13,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ def _check_jpeg(data: bytes, meta: dict[str, Any]) -> str | None:
 
 
 def _verify_shard(out: Path, rec: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(problems, keys) of one shard; `rec` was checked by `_shard_records`."""
+    """(problems, keys) of one shard; `rec` was checked by `manifest_records`."""
     name = rec["tar"]
     tar, idx = out / name, out / rec["index"]
     problems: list[str] = []
@@ -106,19 +107,17 @@ def _check_sample(shard: str, key: str, files: list[tuple[str, bytes]]) -> list[
     return [f"{where}: {problem}"] if problem else []
 
 
-def _verify_job(job: tuple[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
-    return _verify_shard(Path(job[0]), job[1])
-
-
-def _run_jobs(jobs: list[tuple[str, dict[str, Any]]], workers: int) -> list[tuple[list[str], list[str]]]:
+def _verify_all(out: Path, records: list[dict[str, Any]], workers: int
+                ) -> list[tuple[list[str], list[str]]]:
+    verify = partial(_verify_shard, out)
     if workers <= 1:
-        return [_verify_job(j) for j in jobs]
-    pool = WorkerPool(_verify_job, workers)
+        return [verify(rec) for rec in records]
+    pool = WorkerPool(verify, workers)
     try:
-        results = list(pool.map(jobs))
+        results = list(pool.map(records))
     except WorkerDied as e:
         pool.close(terminate=True)
-        what = e.job[1]["tar"] if e.job else "the shards"
+        what = e.job["tar"] if e.job else "the shards"
         raise ShardError(f"a worker process died (out of memory?) while verifying {what}; "
                          f"run again, or with --workers 1") from None
     except BaseException:
@@ -137,17 +136,17 @@ def verify_shards(output: Path, workers: int | None = None) -> list[str]:
         manifest = load_manifest(out)
     except ManifestError as e:
         return [str(e)]
-    records, problems = manifest_records(manifest)
-    jobs = [(str(out), rec) for _, rec in records]
-    results = _run_jobs(jobs, min(workers or os.cpu_count() or 1, max(1, len(jobs))))
+    split_records, problems = manifest_records(manifest)
+    records = [rec for _, rec in split_records]
+    results = _verify_all(out, records, min(workers or os.cpu_count() or 1, max(1, len(records))))
     seen: dict[str, str] = {}
-    for (_, rec), (probs, keys) in zip(jobs, results):
+    for rec, (probs, keys) in zip(records, results):
         problems.extend(probs)
         for k in keys:
             if k in seen:
                 problems.append(f"{rec['tar']}: key {k} also in {seen[k]}")
             seen[k] = rec["tar"]
-    listed = {r[k] for _, r in jobs for k in ("tar", "index")}
+    listed = {r[k] for r in records for k in ("tar", "index")}
     for p in sorted(out.iterdir()):
         if SHARD_FILE.match(p.name) and p.name not in listed:
             problems.append(f"{p.name}: not listed in {MANIFEST}")
