@@ -5,14 +5,16 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from ..cli import CliError, parse
 from ..locking import FolderLock, LockError
+from ..shard_format import SPLITS
 from .build import build_shards
 from .errors import ShardError
 from .options import ShardOptions
-from .summary import format_summary
 from .verify import verify_shards
 
 DESCRIPTION = """\
@@ -50,6 +52,30 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
+def _summary(manifest: dict[str, Any], seconds: float) -> str:
+    """The few lines printed at the end of a run."""
+    lines = []
+    for s in SPLITS:
+        info = manifest["splits"][s]
+        n = len(info["shards"])
+        lines.append(f"  {s:<5} {info['samples']:>9,} samples in {n:>4} shard{'s' if n != 1 else ''}"
+                     f"  ({info['bytes'] / 1e6:,.1f} MB)")
+    skipped = manifest.get("skipped", {})
+    total_skipped = sum(skipped.values())
+    if total_skipped:
+        lines.append(f"  skipped {total_skipped:,}:")
+        for reason, count in sorted(skipped.items(), key=lambda kv: -kv[1]):
+            ex = manifest.get("skipped_examples", {}).get(reason, [])[:3]
+            more = ", ..." if count > len(ex) else ""
+            lines.append(f"    {reason:<13} {count:>7,}  ({', '.join(ex)}{more})")
+    total = sum(manifest["splits"][s]["samples"] for s in SPLITS)
+    limit = manifest["args"].get("limit")
+    if limit and total < limit:  # the subset is smaller than asked for: say so, not just the count
+        lines.append(f"  note: --limit {limit} asked, only {total} usable images")
+    head = f"wrote {total:,} samples to {manifest['args']['output']} in {seconds:.1f} s"
+    return "\n".join([head] + lines)
+
+
 def _report(problems: list[str], out: Path, show: int = 20) -> int:
     if not problems:
         print(f"verified {out}: all shards and indexes are good")
@@ -65,15 +91,12 @@ def _report(problems: list[str], out: Path, show: int = 20) -> int:
 def _verify(out: Path, workers: int | None) -> int:
     if not out.is_dir():  # a wrong argument (exit 2), not a damaged folder (exit 1)
         raise ShardError(f"--verify: {out} is not a folder of shards")
-    try:
-        lock = FolderLock(out, "shard writer").acquire()
-    except OSError:  # a read-only dataset folder: no writer of ours can be in it either
-        lock = None
-    try:
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(FolderLock(out, "shard writer"))
+        except OSError:  # a read-only dataset folder: no writer of ours can be in it either
+            pass
         return _report(verify_shards(out, workers=workers), out)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(opts.output, opts.workers)
         t0 = time.perf_counter()
         manifest = build_shards(opts)
-        print(format_summary(manifest, time.perf_counter() - t0))
+        print(_summary(manifest, time.perf_counter() - t0))
         return _verify(Path(manifest["args"]["output"]), opts.workers) if opts.verify else 0
     except (ShardError, CliError, LockError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -95,7 +118,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: complete shards are kept; run the same command again to resume", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
