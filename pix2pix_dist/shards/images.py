@@ -162,10 +162,8 @@ def convert_image(data: bytes, settings: ImageSettings) -> Converted | Rejected:
                 return Rejected("unsupported", "image format variant PIL cannot read")
             return Rejected("not_an_image" if _looks_like_text(data) else "corrupt", "unknown format")
         except OSError as e:
-            msg = str(e)
-            if "truncated" in msg.lower() or "premature end" in msg.lower():
-                return Rejected("truncated", msg)
-            return Rejected("corrupt", msg)
+            truncated = any(words in str(e).lower() for words in ("truncated", "premature end"))
+            return Rejected("truncated" if truncated else "corrupt", str(e))
         except (ValueError, TypeError, SyntaxError, IndexError, KeyError, EOFError, MemoryError) as e:
             # PIL's plugins raise all of these on malformed headers.
             return Rejected("corrupt", f"{type(e).__name__}: {e}")

@@ -64,8 +64,7 @@ class TarShard:
             self._write(_header(name, len(data)))
             comps.append(component(ext, self.offset, len(data), name))
             self._write(data)
-            if len(data) % BLOCK:
-                self._write(b"\0" * (BLOCK - len(data) % BLOCK))
+            self._write(b"\0" * (-len(data) % BLOCK))  # pad to a whole block (nothing when aligned)
         self._index.append(comps)
         self.samples += 1
 
