@@ -289,9 +289,8 @@ class Builder:
         _refuse_foreign_files(self.out, owned)
         if state is not None and state.get("fingerprint") == self.fingerprint:
             self.state = state
-            records = [(s, i, rec) for s in SPLITS
-                       for i, rec in enumerate(state["splits"][s]["shards"])]
-            bad = [(s, i) for s, i, rec in records if not _shard_intact(self.out, rec)]
+            records = [(s, rec) for s in SPLITS for rec in state["splits"][s]["shards"]]
+            bad = [(s, rec) for s, rec in records if not _shard_intact(self.out, rec)]
             kept = len(records) - len(bad)
             if state["done"] and not bad:
                 self.log(f"up to date: all {kept} shards in {self.out} match their checksums")
@@ -314,7 +313,7 @@ class Builder:
                 self._skip(Result(si, -1, folder, "", None, "unreadable", "folder cannot be listed"))
         return self._produce([])
 
-    def _produce(self, bad: list[tuple[str, int]]) -> dict[str, Any]:
+    def _produce(self, bad: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         for p in self.out.glob("*.tmp"):
             if SHARD_FILE.match(p.name):
                 p.unlink(missing_ok=True)
@@ -343,10 +342,9 @@ class Builder:
             raise ShardError(f"no usable images: all were skipped ({skipped})")
         return self._write_manifest()
 
-    def _rebuild(self, executor: Executor, bad: list[tuple[str, int]]) -> None:
-        """Re-create missing/damaged complete shards from their recorded member lists."""
-        for split, i in bad:
-            rec = self.state["splits"][split]["shards"][i]
+    def _rebuild(self, executor: Executor, bad: list[tuple[str, dict[str, Any]]]) -> None:
+        """Re-create missing/damaged complete shards (split, record) from their member lists."""
+        for split, rec in bad:
             shard = TarShard(self.out / rec["tar"])
             try:
                 for r in self._replay(executor, split, rec["members"]):
