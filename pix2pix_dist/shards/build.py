@@ -303,9 +303,7 @@ class Builder:
                 self.log(f"{e} changed since the previous run: rebuilding all shards")
         elif state is not None or (self.out / MANIFEST).exists():
             self.log(f"options or source files changed: rebuilding all shards in {self.out}")
-        (self.out / MANIFEST).unlink(missing_ok=True)
-        (self.out / PROGRESS).unlink(missing_ok=True)
-        for name in owned:
+        for name in [MANIFEST, PROGRESS, *owned]:  # no record ever lists a removed shard file
             (self.out / name).unlink(missing_ok=True)
         self.state = _fresh_state(self.fingerprint, len(self.streams))
         for si, src in enumerate(self.sources):  # counted once per build, like unreadable files
