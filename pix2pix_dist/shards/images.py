@@ -162,7 +162,7 @@ def convert_image(data: bytes, settings: ImageSettings) -> Converted | Rejected:
                 return Rejected("unsupported", "image format variant PIL cannot read")
             return Rejected("not_an_image" if _looks_like_text(data) else "corrupt", "unknown format")
         except OSError as e:
-            truncated = any(words in str(e).lower() for words in ("truncated", "premature end"))
+            truncated = any(phrase in str(e).lower() for phrase in ("truncated", "premature end"))
             return Rejected("truncated" if truncated else "corrupt", str(e))
         except (ValueError, TypeError, SyntaxError, IndexError, KeyError, EOFError, MemoryError) as e:
             # PIL's plugins raise all of these on malformed headers.

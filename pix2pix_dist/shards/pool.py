@@ -264,8 +264,9 @@ class Executor:
         except WorkerDied as e:
             # Exactly the batch the dead worker held (the pool cannot tell which of its images).
             what = self._where(e.job) if e.job else f"an image of {self.sources[0][1]}"
-            raise ShardError(f"a worker process died (out of memory?) while processing {what}; "
-                             f"complete shards are kept, run the same command again to resume") from None
+            raise ShardError(
+                f"a worker process died (out of memory?) while processing {what}; complete shards "
+                f"are kept, run the same command again to resume") from None
 
     def _where(self, chunk: list[Task]) -> str:
         first = chunk[0]
