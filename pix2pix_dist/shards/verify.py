@@ -63,10 +63,8 @@ def _verify_shard(out: Path, rec: dict[str, Any]) -> tuple[list[str], list[str]]
             for key, members in group_samples(_reported_others(tf, name, problems)):
                 keys.append(key)
                 index.append(sample_entry(members))
-                files = []
-                for m in members:
-                    f = tf.extractfile(m)
-                    files.append((split_name(m.name)[1], f.read() if f else b""))
+                # Regular files only (group_samples): extractfile never returns None for them.
+                files = [(split_name(m.name)[1], tf.extractfile(m).read()) for m in members]
                 problems.extend(_check_sample(name, key, files))
     except (tarfile.TarError, OSError) as e:
         problems.append(f"{name}: unreadable tar ({e})")
