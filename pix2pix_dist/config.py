@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 import tyro
 from tyro.constructors import PrimitiveConstructorSpec
 
+from .atomic import atomic_write
 from .cli import CliError, expand_key_values, parse
 
 
@@ -243,21 +244,22 @@ class Config:
         """Raise ConfigError naming the first invalid key; return self for chaining.
         (Choices are checked by the types when parsing; the world size and the split's size
         are checked when the recipe is resolved, recipe.py.)"""
+        values = dict(leaf_items(self))
         for key, (low, high) in _INT_RANGES.items():
-            value = get_key(self, key)
-            if not low <= value <= high:
-                raise ConfigError(f"{key}={value} is out of range: it must be in [{low}, {high}]")
-        for key, value in leaf_items(self):
+            if not low <= values[key] <= high:
+                raise ConfigError(f"{key}={values[key]} is out of range: it must be in "
+                                  f"[{low}, {high}]")
+        for key, value in values.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{key}={value} is not a finite number")
         for key, (low, high, low_ok) in _FLOAT_RANGES.items():
-            value = get_key(self, key)
+            value = values[key]
             if not (low <= value if low_ok else low < value) or value > high:
                 raise ConfigError(f"{key}={value} is out of range: it must be in "
                                   f"{'[' if low_ok else '('}{low:g}, {high:g}]")
         # An empty path is the current folder to pathlib: never what the user meant.
         for key in ("run_dir", "data.shards", "ckpt.resume", "log.project"):
-            if not get_key(self, key).strip():
+            if not values[key].strip():
                 raise ConfigError(f"{key} is empty; give a value (see --help)")
         step = 2 ** self.model.num_downs
         if self.data.crop_size % step:
@@ -277,14 +279,10 @@ class Config:
                               f"(use 'auto', 'never' or a path under <run_dir>/checkpoints)")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def save(self, path: str | Path) -> None:
         """Write the resolved config as JSON, atomically."""
-        from .atomic import atomic_write
-
-        atomic_write(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        text = json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        atomic_write(Path(path), text + "\n")
 
 
 # Presets: named recipes, each a flat dict of dotted keys over the defaults. Batches are global
@@ -349,21 +347,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def get_key(cfg: Config, key: str) -> Any:
-    obj: Any = cfg
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def leaf_items(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) for every leaf field of a config dataclass."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from leaf_items(value, f"{prefix}{f.name}.")
+def leaf_items(tree: Config | dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a config, or of a nested dict like config.json."""
+    if isinstance(tree, Config):
+        tree = dataclasses.asdict(tree)
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaf_items(value, f"{prefix}{key}.")
         else:
-            yield f"{prefix}{f.name}", value
+            yield f"{prefix}{key}", value
 
 
 def set_key(cfg: Config, key: str, value: Any) -> None:
@@ -416,17 +408,9 @@ def _base_config(preset: str | None, config_file: str | None) -> Config:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {config_file} must hold a JSON object like config.json")
-        for key, value in _flatten(data):
+        for key, value in leaf_items(data):
             set_key(cfg, key, value)
     return cfg
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in data.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 @dataclass

@@ -32,7 +32,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from pix2pix_dist.atomic import atomic_write
-from pix2pix_dist.config import Config, ConfigError
+from pix2pix_dist.config import Config, ConfigError, leaf_items
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -78,8 +78,8 @@ class RunTracker:
             # whatever the caller passed as project_dir.
             accelerator.project_configuration.logging_dir = str(self.run_dir / "tensorboard")
         if self.kind != "none":
-            accelerator.init_trackers(project_name=cfg.log.project,
-                                      config=_flatten(cfg.to_dict()), init_kwargs=init_kwargs)
+            accelerator.init_trackers(project_name=cfg.log.project,  # trackers want flat scalars
+                                      config=dict(leaf_items(cfg)), init_kwargs=init_kwargs)
         if self.kind == "wandb":
             _announce_wandb_run(accelerator.get_tracker("wandb", unwrap=True))
         # A resumed run repeats the steps after its checkpoint: drop their old lines (once the
@@ -200,14 +200,3 @@ def _truncate_stats(path: Path, resume_step: int) -> None:
         except (ValueError, KeyError, TypeError):
             pass  # a line torn by a crash mid-write
     atomic_write(path, "".join(kept))
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"data": {"batch_size": 16}} -> {"data.batch_size": 16}: trackers want flat scalars."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
