@@ -37,8 +37,7 @@ def expand_key_values(argv: Sequence[str], aliases: Mapping[str, str] = {}) -> l
             out += [f"--{aliases.get(key, key)}", value]
         elif arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
-            key = aliases.get(key, key)
-            out.append(f"--{key}{eq}{value}")
+            out.append(f"--{aliases.get(key, key)}{eq}{value}")
         else:
             out.append(arg)
     return out

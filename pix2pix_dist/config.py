@@ -14,7 +14,9 @@ split's size (recipe.py, docs/design.md "Recipes").
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 import json
 import math
 import typing
@@ -361,27 +363,21 @@ def leaf_items(tree: Config | dict[str, Any], prefix: str = "") -> Iterator[tupl
 def set_key(cfg: Config, key: str, value: Any) -> None:
     """Set a dotted key from a typed value (a preset or a JSON file): checked, not converted."""
     *parents, name = key.split(".")
-    obj: Any = cfg
-    for part in parents:
-        obj = getattr(obj, part, None)
-        if not dataclasses.is_dataclass(obj):
-            break
-    hints = typing.get_type_hints(type(obj)) if dataclasses.is_dataclass(obj) else {}
-    if name not in hints or dataclasses.is_dataclass(getattr(obj, name)):
+    parent = functools.reduce(lambda obj, part: getattr(obj, part, None), parents, cfg)
+    hints = typing.get_type_hints(type(parent)) if dataclasses.is_dataclass(parent) else {}
+    typ = hints.get(name)
+    if typ is None or dataclasses.is_dataclass(typ):
         raise ConfigError(f"unknown config key {key!r} (see --help for the list)")
-    typ = hints[name]
     if typing.get_origin(typ) is Literal:
         ok = value in typing.get_args(typ)
         expected = " or ".join(repr(choice) for choice in typing.get_args(typ))
-    else:
-        ok = (isinstance(value, bool) if typ is bool else
-              isinstance(value, int) and not isinstance(value, bool) if typ is int else
-              isinstance(value, (int, float)) and not isinstance(value, bool) if typ is float else
-              isinstance(value, str))
+    else:  # bool is an int subclass, but true is not a number here, nor 1 a boolean
+        ok = (isinstance(value, (int, float) if typ is float else typ)
+              and (typ is bool or not isinstance(value, bool)))
         expected = typ.__name__
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
-    setattr(obj, name, float(value) if typ is float else value)
+    setattr(parent, name, float(value) if typ is float else value)
 
 
 def build_config(preset: str | None = None, config_file: str | None = None,
@@ -425,9 +421,6 @@ class TrainCommand(Config):
     """Print the resolved recipe for this world size (WORLD_SIZE, else 1) and exit, counting the
     train split but building nothing."""
 
-    def run_config(self) -> Config:
-        return Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Config)})
-
 
 # tyro keeps the description's paragraphs (blank-line separated) and joins their lines.
 DESCRIPTION = "\n\n".join([
@@ -448,32 +441,21 @@ def parse_command(argv: list[str]) -> tuple[Config, bool]:
     """(validated Config, dry_run) from train.py's arguments; `--help` prints and exits 0."""
     # The preset and the file must be known before parsing: they supply the defaults that the
     # other arguments override (and that --help shows).
-    expanded = expand_key_values(argv, ALIASES)
-    preset, config_file = _option(expanded, "preset"), _option(expanded, "config")
-    base = _base_config(preset, config_file)
-    default = TrainCommand(**{f.name: getattr(base, f.name) for f in dataclasses.fields(Config)},
-                           preset=preset, config=config_file)
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    first.add_argument("--preset")
+    first.add_argument("--config")
     try:
+        start = first.parse_known_args(expand_key_values(argv, ALIASES))[0]
+        default = TrainCommand(**vars(_base_config(start.preset, start.config)),
+                               preset=start.preset, config=start.config)
         command = parse(TrainCommand, argv, prog="train.py", description=DESCRIPTION,
                         default=default, aliases=ALIASES)
-    except CliError as exc:
+    except (argparse.ArgumentError, CliError) as exc:
         raise ConfigError(str(exc)) from None
-    return command.run_config().validate(), command.dry_run
+    cfg = Config(**{f.name: getattr(command, f.name) for f in dataclasses.fields(Config)})
+    return cfg.validate(), command.dry_run
 
 
 def parse_args(argv: list[str]) -> Config:
     """The validated Config of train.py's arguments (without --dry-run)."""
     return parse_command(argv)[0]
-
-
-def _option(expanded: list[str], name: str) -> str | None:
-    """The value of `--name VALUE` / `--name=VALUE` in expanded arguments (the last one wins)."""
-    value = None
-    for i, arg in enumerate(expanded):
-        if arg.startswith(f"--{name}="):
-            value = arg.split("=", 1)[1]
-        elif arg == f"--{name}":
-            if i + 1 >= len(expanded):
-                raise ConfigError(f"--{name} needs a value")
-            value = expanded[i + 1]
-    return value
