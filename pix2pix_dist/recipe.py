@@ -46,18 +46,14 @@ class Recipe:
             return 1.0
         return min(1.0, max(0.0, (self.steps - 1 - step) / self.decay_steps))
 
-    def schedule(self) -> str:
-        if self.decay_steps <= 0:
-            return "constant lr"
-        return (f"constant lr for {self.steps - self.decay_steps} steps, then linear decay to 0 "
-                f"over the last {self.decay_steps}")
-
     def describe(self) -> str:
         """One line with every derived number (the start log line and --dry-run)."""
+        schedule = (f"constant lr for {self.steps - self.decay_steps} steps, then linear decay "
+                    f"to 0 over the last {self.decay_steps}" if self.decay_steps else "constant lr")
         return (f"recipe: global batch {self.global_batch} = {self.batch_per_process}/process x "
                 f"{self.world_size} process(es); {self.steps} steps = {self.epochs:g} epochs of "
                 f"{self.train_images} train images ({self.steps_per_epoch} steps/epoch); "
-                f"lr {self.lr:.6g} ({self.lr_rule}); {self.schedule()}")
+                f"lr {self.lr:.6g} ({self.lr_rule}); {schedule}")
 
 
 def resolve_recipe(cfg: Config, world_size: int, train_images: int) -> Recipe:
@@ -72,10 +68,12 @@ def resolve_recipe(cfg: Config, world_size: int, train_images: int) -> Recipe:
     else:
         global_batch = cfg.data.global_batch
         if global_batch % world_size:
+            below = global_batch - global_batch % world_size
+            nearest = f"{below} or {below + world_size}" if below else str(world_size)
             raise ConfigError(
                 f"data.global_batch={global_batch} is not divisible by {world_size} processes; "
-                f"nearest valid sizes: {_nearest_multiples(global_batch, world_size)} (or pin the "
-                f"per-process batch with data.batch_size)")
+                f"nearest valid sizes: {nearest} (or pin the per-process batch with "
+                f"data.batch_size)")
         per_process = global_batch // world_size
     steps_per_epoch = train_images // global_batch
     if steps_per_epoch < 1:
@@ -84,23 +82,12 @@ def resolve_recipe(cfg: Config, world_size: int, train_images: int) -> Recipe:
             f"{global_batch} ({per_process}/process x {world_size}); lower data.global_batch "
             f"(or data.batch_size), use fewer processes or write more data")
     steps = cfg.train.steps or max(1, round(cfg.train.epochs * steps_per_epoch))
-    decay_steps = min(steps, math.ceil(cfg.optim.decay_fraction * steps - 1e-9))
-    lr, rule = _scaled_lr(cfg, global_batch)
-    return Recipe(world_size, global_batch, per_process, train_images, steps_per_epoch, steps,
-                  decay_steps, lr, rule)
-
-
-def _nearest_multiples(value: int, divisor: int) -> str:
-    below = value // divisor * divisor
-    above = below + divisor
-    return f"{below} or {above}" if below else str(above)
-
-
-def _scaled_lr(cfg: Config, global_batch: int) -> tuple[float, str]:
     o = cfg.optim
+    decay_steps = min(steps, math.ceil(o.decay_fraction * steps - 1e-9))
     ratio = global_batch / o.reference_batch
     factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[o.lr_scaling]
-    rule = f"optim.lr {o.lr:g} at reference batch {o.reference_batch}, lr_scaling={o.lr_scaling}"
+    lr_rule = f"optim.lr {o.lr:g} at reference batch {o.reference_batch}, lr_scaling={o.lr_scaling}"
     if o.lr_scaling != "none":
-        rule += f": x {factor:.4g}"
-    return o.lr * factor, rule
+        lr_rule += f": x {factor:.4g}"
+    return Recipe(world_size, global_batch, per_process, train_images, steps_per_epoch, steps,
+                  decay_steps, o.lr * factor, lr_rule)
