@@ -422,6 +422,9 @@ class TrainCommand(Config):
     train split but building nothing."""
 
 
+# Short forms users reach for first.
+ALIASES = {"resume": "ckpt.resume", "shards": "data.shards", "steps": "train.steps"}
+
 # tyro keeps the description's paragraphs (blank-line separated) and joins their lines.
 DESCRIPTION = "\n\n".join([
     "Train pix2pix colorization: accelerate launch train.py [--preset NAME] "
@@ -430,11 +433,8 @@ DESCRIPTION = "\n\n".join([
     "A recipe is global: data.global_batch images per optimizer step over all processes, "
     "train.epochs passes over the train split. The per-process batch and the step count follow "
     "from the number of processes (pin them with data.batch_size and train.steps).",
-    "Short forms: --resume (ckpt.resume), --shards (data.shards), --steps (train.steps).",
+    "Short forms: " + ", ".join(f"--{short} ({key})" for short, key in ALIASES.items()) + ".",
 ])
-
-# Short forms users reach for first.
-ALIASES = {"resume": "ckpt.resume", "shards": "data.shards", "steps": "train.steps"}
 
 
 def parse_command(argv: list[str]) -> tuple[Config, bool]:
