@@ -413,9 +413,11 @@ def _base_config(preset: str | None, config_file: str | None) -> Config:
 class TrainCommand(Config):
     """The command line of train.py: every Config key, plus what picks the starting values."""
 
-    preset: Literal[tuple(PRESETS)] | None = None  # type: ignore[valid-type]
+    # The metavars keep tyro from listing None as a choice: the options are optional, not None.
+    preset: Annotated[Literal[tuple(PRESETS)] | None,  # type: ignore[valid-type]
+                      tyro.conf.arg(metavar="{" + ",".join(PRESETS) + "}")] = None
     """Named recipe applied over the defaults (see the README's preset table)."""
-    config: str | None = None
+    config: Annotated[str | None, tyro.conf.arg(metavar="FILE.json")] = None
     """JSON file holding an object like a run's config.json, applied after the preset."""
     dry_run: bool = False
     """Print the resolved recipe for this world size (WORLD_SIZE, else 1) and exit, counting the

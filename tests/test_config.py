@@ -106,6 +106,14 @@ def test_help_lists_every_key_with_default_and_docstring(capsys):
     assert "batch_size x processes" in text  # the precedence rule is stated
 
 
+def test_help_lists_the_preset_names_only(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "--preset {" + ",".join(PRESETS) + "}" in text and "--config FILE.json" in text
+    assert "{None" not in text and "None}" not in text
+
+
 def test_config_file_and_save_roundtrip(tmp_path):
     cfg = build_config("cpu-demo", overrides=[("train.steps", 7)])
     cfg.save(tmp_path / "config.json")
