@@ -37,6 +37,8 @@ class ConfigError(ValueError):
 
 
 def _read_bool(args: list[str]) -> bool:
+    if not args:  # a bare flag: `--dry-run`
+        return True
     value = args[0].lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -45,12 +47,19 @@ def _read_bool(args: list[str]) -> bool:
     raise ValueError(f"expected true or false, got {args[0]!r}")
 
 
+def _bool_option(nargs: int | tuple[int, ...], metavar: str) -> Any:
+    return Annotated[bool, PrimitiveConstructorSpec(
+        nargs=nargs, metavar=metavar, instance_from_str=_read_bool,
+        is_instance=lambda value: isinstance(value, bool),
+        str_from_instance=lambda value: ["true" if value else "false"]),
+        tyro.conf.FlagConversionOff]
+
+
 # A boolean key takes a value (`train.compile=true`, any case, or 1/0, yes/no, on/off) like every
 # other key, instead of tyro's `--flag/--no-flag` pair: `key=value` is the spelling users know.
-BoolValue = Annotated[bool, PrimitiveConstructorSpec(
-    nargs=1, metavar="{true,false}", instance_from_str=_read_bool,
-    is_instance=lambda value: isinstance(value, bool),
-    str_from_instance=lambda value: ["true" if value else "false"]), tyro.conf.FlagConversionOff]
+BoolValue = _bool_option(1, "{true,false}")
+# A command's switch (`--dry-run`) is also a bare flag, meaning true.
+FlagValue = _bool_option((0, 1), "[{true,false}]")
 
 
 @dataclass
@@ -419,7 +428,7 @@ class TrainCommand(Config):
     """Named recipe applied over the defaults (see the README's preset table)."""
     config: Annotated[str | None, tyro.conf.arg(metavar="FILE.json")] = None
     """JSON file holding an object like a run's config.json, applied after the preset."""
-    dry_run: bool = False
+    dry_run: FlagValue = False
     """Print the resolved recipe for this world size (WORLD_SIZE, else 1) and exit, counting the
     train split but building nothing."""
 

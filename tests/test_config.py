@@ -41,6 +41,20 @@ def test_short_forms_and_dry_run_flag():
     assert parse_command(["--preset", "paper", "--dry-run"])[1] is True
 
 
+@pytest.mark.parametrize("args, dry_run", [
+    (["--dry-run"], True), (["--dry-run=true"], True), (["--dry-run", "false"], False),
+    (["--dry-run=false", "data.global_batch=8"], False), (["dry_run=yes", "--steps", "3"], True),
+    (["--dry-run", "--steps", "3"], True), (["--steps", "3", "--dry_run"], True), ([], False),
+])
+def test_dry_run_is_a_flag_or_takes_a_value(args, dry_run):
+    assert parse_command(["--preset", "tutorial", *args])[1] is dry_run
+
+
+def test_dry_run_with_a_wrong_value_is_one_line():
+    with pytest.raises(ConfigError, match="--dry-run: expected true or false, got .maybe.$"):
+        parse_command(["--dry-run=maybe"])
+
+
 def test_order_is_defaults_preset_file_then_overrides(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"data": {"global_batch": 8, "load_size": 300}, "run_dir": "runs/f"}))
