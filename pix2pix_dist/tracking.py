@@ -8,7 +8,7 @@ Usage (the Accelerator needs a project_dir because Accelerate insists on a loggi
 for tensorboard when it is constructed):
 
     accelerator = Accelerator(log_with=tracker_for(cfg), project_dir=run_dir)
-    tracker = RunTracker(accelerator, cfg, run_dir, resume_step=step)
+    tracker = RunTracker(accelerator, cfg, run_dir, resume_step=step, recipe=recipe)
     tracker.log_scalars(step, {"loss_g": 1.2})
     tracker.log_grid(step, gray, pred, truth)
     tracker.close()
@@ -37,6 +37,8 @@ from pix2pix_dist.config import Config, ConfigError, leaf_items
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from pix2pix_dist.recipe import Recipe
+
 GRID_PADDING = 2
 """Pixels of white padding around and between the tiles of a sample grid."""
 
@@ -60,7 +62,7 @@ class RunTracker:
     """Scalars and sample grids of one run, sent to the tracker and kept in the run folder."""
 
     def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path,
-                 resume_step: int = 0) -> None:
+                 resume_step: int = 0, recipe: Recipe | None = None) -> None:
         self.accelerator = accelerator
         self.kind = cfg.log.tracker
         self.run_dir = Path(run_dir)
@@ -78,8 +80,14 @@ class RunTracker:
             # whatever the caller passed as project_dir.
             accelerator.project_configuration.logging_dir = str(self.run_dir / "tensorboard")
         if self.kind != "none":
-            accelerator.init_trackers(project_name=cfg.log.project,  # trackers want flat scalars
-                                      config=dict(leaf_items(cfg)), init_kwargs=init_kwargs)
+            # Flat scalars: the config as given (data.batch_size=0 means "derived", as in
+            # config.json, which must stay valid on another world size) and the recipe it
+            # resolved to on this run (recipe.batch_per_process, recipe.steps, recipe.lr, ...).
+            hparams = dict(leaf_items(cfg))
+            if recipe is not None:
+                hparams |= {f"recipe.{key}": value for key, value in vars(recipe).items()}
+            accelerator.init_trackers(project_name=cfg.log.project, config=hparams,
+                                      init_kwargs=init_kwargs)
         if self.kind == "wandb":
             _announce_wandb_run(accelerator.get_tracker("wandb", unwrap=True))
         # A resumed run repeats the steps after its checkpoint: drop their old lines (once the

@@ -211,7 +211,7 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
         return TrainResult(start_step, False, nonfinite, run_dir, G_raw, D_raw)
     if main_process:
         cfg.save(run_dir / "config.json")
-    tracker = RunTracker(accelerator, cfg, run_dir, resume_step=start_step)
+    tracker = RunTracker(accelerator, cfg, run_dir, resume_step=start_step, recipe=recipe)
     if ckpt.resumed_from is not None:
         say(f"resumed from {ckpt.resumed_from} at step {start_step}")
     say(f"training on {world} process(es), {device.type}, input backend {loader.backend}, "

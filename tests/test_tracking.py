@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from pix2pix_dist.config import ConfigError
 import torch
@@ -18,6 +19,7 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 
 from pix2pix_dist.config import Config
+from pix2pix_dist.recipe import resolve_recipe
 from pix2pix_dist.tracking import GRID_PADDING, RunTracker, _wandb_credentials_configured, tracker_for
 from wandb_records import find_run_file, history_rows, read_records
 
@@ -49,7 +51,15 @@ def make_tracker(run_dir: Path, kind: str, resume_step: int = 0) -> RunTracker:
     cfg.log.tracker = kind
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True, log_with=tracker_for(cfg), project_dir=str(run_dir))
-    return RunTracker(accelerator, cfg, run_dir, resume_step=resume_step)
+    # The default recipe (global batch 16) on 2 processes over 64 images: 8/process, 400 steps.
+    recipe = resolve_recipe(cfg, 2, train_images=64)
+    return RunTracker(accelerator, cfg, run_dir, resume_step=resume_step, recipe=recipe)
+
+
+# What the tracker's run config holds beyond the config as given (data.batch_size=0, "derived").
+RESOLVED = {"data.batch_size": 0, "train.steps": 0, "recipe.world_size": 2,
+            "recipe.global_batch": 16, "recipe.batch_per_process": 8, "recipe.steps": 400,
+            "recipe.lr": 2e-4}
 
 
 def sample_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,7 +112,7 @@ def test_wandb_offline_run_without_credentials(tmp_path, capsys):
 
     configs = [r.config for r in read_records(run_file) if r.WhichOneof("record_type") == "config"]
     sent = {item.key: json.loads(item.value_json) for c in configs for item in c.update}
-    assert sent["data.batch_size"] == Config().data.batch_size
+    assert {key: sent[key] for key in RESOLVED} == RESOLVED
 
     assert png == run_dir / "samples" / "step-000030.png"
     assert (run_dir / "samples" / "latest.png").read_bytes() == png.read_bytes()
@@ -176,6 +186,9 @@ def test_tensorboard_writes_events(tmp_path):
     assert (image.step, image.height, image.width) == (
         2, N * (H + GRID_PADDING) + GRID_PADDING, 3 * (W + GRID_PADDING) + GRID_PADDING)
     assert not (run_dir / "wandb").exists()
+    [hparams_file] = (run_dir / "tensorboard" / Config().log.project).glob("*/hparams.yml")
+    hparams = yaml.safe_load(hparams_file.read_text())
+    assert {key: hparams[key] for key in RESOLVED} == RESOLVED
 
 
 def test_online_mode_without_credentials_refuses_instead_of_prompting(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import REPO, clean_env, free_port, run_python
 from pix2pix_dist.checkpoints import list_checkpoints
 from pix2pix_dist.export import load_generator
-from wandb_records import find_run_file, history_rows
+from wandb_records import find_run_file, history_rows, read_records
 
 pytestmark = pytest.mark.slow  # every test here trains end to end in subprocesses
 
@@ -99,6 +99,17 @@ def test_offline_wandb_run_holds_losses_and_sample_grid(demo_run):
     images = [r for r in rows if r.get("samples/_type") == "image-file"]
     assert len(images) == 2 and images[0]["samples/path"].startswith("media/images/")
     assert "wandb sync" in proc.stdout  # offline, and the user is told how to upload
+
+
+def test_tracker_config_holds_the_resolved_recipe_and_config_json_the_given_one(demo_run):
+    run_dir, _ = demo_run
+    records = read_records(find_run_file(run_dir))
+    sent = {item.key: json.loads(item.value_json)
+            for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}
+    assert [sent[f"recipe.{key}"] for key in ("world_size", "batch_per_process", "global_batch",
+                                              "steps", "lr")] == [1, 2, 2, 60, 1e-3]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert "recipe" not in saved and saved["data"]["global_batch"] == 16  # as given
 
 
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(sample_shards, tmp_path):
