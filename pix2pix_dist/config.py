@@ -209,9 +209,10 @@ class CheckpointConfig:
     """`auto` (newest valid checkpoint in the run folder, if any), `never`, or a checkpoint path."""
 
 
-# Upper bounds on integer keys: a value beyond them is a typo or a unit mistake, not a setting
-# (e.g. data.prefetch=100000 would queue 100000 decoded batches in memory).
-_INT_RANGES: dict[str, tuple[int, int]] = {
+# Bounds [low, high] of numeric keys: a value beyond them is a typo or a unit mistake, not a
+# setting (data.prefetch=100000 would queue 100000 decoded batches in memory; an lr of 1e30 or a
+# loss weight of 1e9 only makes NaN).
+_RANGES: dict[str, tuple[float, float]] = {
     "data.global_batch": (1, 1 << 20), "data.batch_size": (0, 1 << 16),
     "data.load_size": (1, 8192), "data.crop_size": (1, 8192), "data.shuffle_buffer": (1, 1 << 20),
     "data.num_threads": (1, 256), "data.prefetch": (1, 32),
@@ -222,14 +223,11 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "log.every": (1, 1 << 40), "log.sample_every": (1, 1 << 40), "log.sample_count": (1, 256),
     "eval.every": (0, 1 << 40), "eval.count": (1, 1 << 20),
     "ckpt.every": (1, 1 << 40), "ckpt.keep": (1, 1000),
+    "data.rrc_min_scale": (0, 1), "data.hw_decoder_load": (0, 1), "optim.lr": (0, 1),
+    "optim.lambda_l1": (0, 10_000), "optim.beta1": (0, 0.9999), "optim.beta2": (0, 0.9999999),
+    "optim.decay_fraction": (0, 1), "train.epochs": (0, 1_000_000),
 }
-# Float keys: (low, high, low is allowed). An lr of 1e30 or a loss weight of 1e9 only makes NaN.
-_FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
-    "data.rrc_min_scale": (0.0, 1.0, False), "data.hw_decoder_load": (0.0, 1.0, True),
-    "optim.lr": (0.0, 1.0, False), "optim.lambda_l1": (0.0, 1e4, True),
-    "optim.beta1": (0.0, 0.9999, True), "optim.beta2": (0.0, 0.9999999, True),
-    "optim.decay_fraction": (0.0, 1.0, True), "train.epochs": (0.0, 1e6, False),
-}
+_ABOVE_LOW = {"data.rrc_min_scale", "optim.lr", "train.epochs"}  # (low, high]: low excluded
 
 
 @dataclass
@@ -256,18 +254,14 @@ class Config:
         (Choices are checked by the types when parsing; the world size and the split's size
         are checked when the recipe is resolved, recipe.py.)"""
         values = dict(leaf_items(self))
-        for key, (low, high) in _INT_RANGES.items():
-            if not low <= values[key] <= high:
-                raise ConfigError(f"{key}={values[key]} is out of range: it must be in "
-                                  f"[{low}, {high}]")
         for key, value in values.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{key}={value} is not a finite number")
-        for key, (low, high, low_ok) in _FLOAT_RANGES.items():
-            value = values[key]
-            if not (low <= value if low_ok else low < value) or value > high:
+        for key, (low, high) in _RANGES.items():
+            value, open_low = values[key], key in _ABOVE_LOW
+            if not (low < value if open_low else low <= value) or value > high:
                 raise ConfigError(f"{key}={value} is out of range: it must be in "
-                                  f"{'[' if low_ok else '('}{low:g}, {high:g}]")
+                                  f"{'(' if open_low else '['}{low}, {high}]")
         # An empty path is the current folder to pathlib: never what the user meant.
         for key in ("run_dir", "data.shards", "ckpt.resume", "log.project"):
             if not values[key].strip():
