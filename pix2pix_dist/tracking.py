@@ -16,6 +16,7 @@ for tensorboard when it is constructed):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import netrc
@@ -202,9 +203,7 @@ def _truncate_stats(path: Path, resume_step: int) -> None:
         return
     kept = []
     for line in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a line torn by a crash
             if json.loads(line)["step"] <= resume_step:
                 kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            pass  # a line torn by a crash mid-write
     atomic_write(path, "".join(kept))
