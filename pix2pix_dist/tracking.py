@@ -73,10 +73,7 @@ class RunTracker:
         if not self.is_main:
             return
         self.samples_dir.mkdir(parents=True, exist_ok=True)
-        init_kwargs: dict[str, dict[str, Any]] = {}
-        if self.kind == "wandb":
-            init_kwargs["wandb"] = self._wandb_init_kwargs(resume_step)
-        elif self.kind == "tensorboard":
+        if self.kind == "tensorboard":
             # Accelerate reads the logging dir when the trackers start, so it can be set here
             # whatever the caller passed as project_dir.
             accelerator.project_configuration.logging_dir = str(self.run_dir / "tensorboard")
@@ -87,8 +84,9 @@ class RunTracker:
             hparams = dict(leaf_items(cfg))
             if recipe is not None:
                 hparams |= {f"recipe.{key}": value for key, value in vars(recipe).items()}
+            wandb_kwargs = self._wandb_init_kwargs(resume_step) if self.kind == "wandb" else {}
             accelerator.init_trackers(project_name=cfg.log.project, config=hparams,
-                                      init_kwargs=init_kwargs)
+                                      init_kwargs={"wandb": wandb_kwargs})
         if self.kind == "wandb":
             _announce_wandb_run(accelerator.get_tracker("wandb", unwrap=True))
         # A resumed run repeats the steps after its checkpoint: drop their old lines (once the
@@ -104,12 +102,10 @@ class RunTracker:
         else:
             run_id = secrets.token_hex(4)  # wandb ids: lowercase letters and digits
             atomic_write(id_path, run_id + "\n")
-        kwargs: dict[str, Any] = dict(dir=str(self.run_dir), name=self.run_dir.name, id=run_id,
-                                      resume="allow")
         check_tracker(self.kind)
-        if os.environ.get("WANDB_MODE") is None and not _wandb_credentials_configured():
-            kwargs["mode"] = "offline"
-        return kwargs
+        offline = os.environ.get("WANDB_MODE") is None and not _wandb_credentials_configured()
+        return dict(dir=str(self.run_dir), name=self.run_dir.name, id=run_id, resume="allow",
+                    mode="offline" if offline else None)
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
         """Send scalars to the tracker and append them as one line to stats.jsonl."""
