@@ -63,8 +63,6 @@ class GeneratorExport:
     generator: UNetGenerator
     """On the requested device, in eval mode (inference.norm_mode switches it as needed)."""
     settings: InferenceSettings
-    model_args: dict[str, Any]
-    path: Path
 
 
 def generator_meta(cfg: Config, step: int) -> dict[str, dict[str, Any]]:
@@ -130,12 +128,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> Generat
         raise ExportError(f"{path} has non-finite values in {bad} (the run diverged); use the "
                           f"generator.safetensors of an earlier checkpoint")
     generator.load_state_dict(tensors, assign=True)  # the loaded tensors become the weights
-    return GeneratorExport(generator.to(device).eval(), settings, args, path)
-
-
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> UNetGenerator:
-    """The validated generator of an export, in eval mode."""
-    return load_export(path, device).generator
+    return GeneratorExport(generator.to(device).eval(), settings)
 
 
 def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -177,9 +170,7 @@ def _model_args(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         "norm": raw["norm"] in NORMS,
         "dropout": isinstance(raw["dropout"], bool),
     }
-    for key, ok in checks.items():
-        if not ok:
-            raise ExportError(f"{path}: invalid model metadata {key}={raw[key]!r}")
+    _check(path, "model", checks, raw)
     return dict(raw)
 
 
@@ -196,9 +187,13 @@ def _settings(raw: dict[str, Any], num_downs: int, path: Path) -> InferenceSetti
                       and settings.crop_size % step == 0),
         "step": _is_int(settings.step) and settings.step >= 0,
     }
+    _check(path, "inference", checks, vars(settings))
+    return settings
+
+
+def _check(path: Path, what: str, checks: dict[str, bool], values: dict[str, Any]) -> None:
+    """ExportError naming the first failed check of `checks` (key -> passed) and its value."""
     for key, ok in checks.items():
         if not ok:
-            raise ExportError(f"{path}: invalid inference metadata {key}="
-                              f"{getattr(settings, key)!r}")
-    return settings
+            raise ExportError(f"{path}: invalid {what} metadata {key}={values[key]!r}")
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, clean_env, free_port, run_python
 from pix2pix_dist.checkpoints import list_checkpoints
-from pix2pix_dist.export import load_generator
+from pix2pix_dist.export import load_export
 from wandb_records import find_run_file, history_rows, read_records
 
 pytestmark = pytest.mark.slow  # every test here trains end to end in subprocesses
@@ -50,7 +50,7 @@ def test_demo_run_leaves_checkpoints_generator_grid_and_config(demo_run):
     assert "done: 60 steps" in proc.stdout
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000040", "step-00000060"]
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
-    generator = load_generator(run_dir / "generator.safetensors")
+    generator = load_export(run_dir / "generator.safetensors").generator
     with torch.no_grad():
         assert generator(torch.zeros(1, 1, 64, 64)).shape == (1, 2, 64, 64)
     assert (run_dir / "samples" / "latest.png").is_file()
@@ -170,7 +170,8 @@ def test_two_gloo_processes_keep_identical_weights_on_disjoint_data(sample_shard
         assert len(params) > 10
         for key in params:
             assert torch.equal(states[0][net][key], states[1][net][key]), (net, key)
-    initial = load_generator(tmp_path / "run" / "checkpoints" / "step-00000003" / "generator.safetensors")
+    first_checkpoint = tmp_path / "run" / "checkpoints" / "step-00000003"
+    initial = load_export(first_checkpoint / "generator.safetensors").generator
     assert any(not torch.equal(p, states[0]["G"][k]) for k, p in initial.state_dict().items())
 
 

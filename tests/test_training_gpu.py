@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import run_python
-from pix2pix_dist.export import load_generator
+from pix2pix_dist.export import load_export
 
 pytestmark = pytest.mark.gpu
 
@@ -23,7 +23,7 @@ def test_cuda_training_runs_finite(sample_shards, tmp_path, extra):
                        f"run_dir={run_dir}", "train.steps=10"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training on 1 process(es), cuda" in proc.stdout
-    generator = load_generator(run_dir / "generator.safetensors", "cuda")
+    generator = load_export(run_dir / "generator.safetensors", "cuda").generator
     with torch.no_grad():
         out = generator(torch.zeros(1, 1, 128, 128, device="cuda"))
     assert torch.isfinite(out).all()
