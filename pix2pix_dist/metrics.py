@@ -86,8 +86,7 @@ def fid_network(weights_dir: Path | None, device: torch.device) -> nn.Module | N
     (never downloaded). A file that is not those weights raises ValueError (one line)."""
     from torchvision.models import Inception3
 
-    path = Path(weights_dir) / FID_WEIGHTS if weights_dir is not None else None
-    if path is None or not path.is_file():
+    if weights_dir is None or not (path := Path(weights_dir) / FID_WEIGHTS).is_file():
         return None
     net = Inception3(aux_logits=True, transform_input=True, init_weights=False)
     try:
