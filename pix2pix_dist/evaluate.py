@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +36,8 @@ from .data.lab import lab_to_rgb, uint8_to_lab
 from .data.sampling import rank_range
 from .data.shards_index import ShardSet, find_shards
 from .data.torch_pipeline import _read, _segments, decode
-from .export import (ExportError, GeneratorExport, InferenceSettings, NormMode, export_path,
-                     generator_meta, load_export)
+from .export import (ExportError, InferenceSettings, NormMode, export_path, generator_meta,
+                     load_export)
 from .inference import (GeometryError, colorize_one, compose, image_seed, inference_copy,
                         model_shape, predict_ab, training_view)
 from .metrics import (METRICS, fid_features, fid_network, frechet_distance, image_metrics,
@@ -117,8 +119,8 @@ def read_split(shards: ShardSet, start: int, stop: int) -> Iterator[tuple[int, s
             yield index, name, str(exc).splitlines()[0]
 
 
-def _hwc(images: torch.Tensor) -> list[np.ndarray]:
-    return [im.permute(1, 2, 0).cpu().numpy() for im in images]
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    return image.permute(1, 2, 0).cpu().numpy()
 
 
 def _to_uint8(rgb01: torch.Tensor) -> torch.Tensor:
@@ -126,9 +128,9 @@ def _to_uint8(rgb01: torch.Tensor) -> torch.Tensor:
 
 
 def _neutral(rgb: torch.Tensor) -> torch.Tensor:
-    """(B,3,H,W) rendered with ab = 0 -> exactly R = G = B (the Lab round trip's float error
+    """(B,)3,H,W rendered with ab = 0 -> exactly R = G = B (the Lab round trip's float error
     would otherwise give the gray baseline a colourfulness of ~0.1 instead of 0)."""
-    return rgb[:, 1:2].expand_as(rgb)
+    return rgb[..., 1:2, :, :].expand_as(rgb)
 
 
 def evaluate_samples(generator: torch.nn.Module, settings: InferenceSettings, mode: NormMode,
@@ -141,9 +143,26 @@ def evaluate_samples(generator: torch.nn.Module, settings: InferenceSettings, mo
     Tiles are kept for the first `keep_tiles` samples and the EXTREMES best and worst by ab-L1,
     so memory stays bounded however many images there are."""
     out = Evaluation([], {})
-    batch: list[tuple[int, str, torch.Tensor]] = []
 
-    def run_batch() -> None:
+    def skip(reason: str, key: str, detail: object) -> None:
+        out.skipped[reason] = out.skipped.get(reason, 0) + 1
+        print(f"warning: skipped {key}: {detail}", file=sys.stderr)
+
+    def measurable() -> Iterator[tuple[int, str, torch.Tensor]]:
+        for index, key, rgb in samples:
+            if isinstance(rgb, str):
+                skip("undecodable", key, rgb)
+                continue
+            if full_res:
+                try:
+                    model_shape(rgb.shape[-2], rgb.shape[-1], settings, 2 ** generator.num_downs)
+                except GeometryError as exc:
+                    skip("too_thin", key, exc)
+                    continue
+            yield index, key, rgb
+
+    usable = measurable()
+    while batch := list(itertools.islice(usable, batch_size)):
         views = torch.stack([training_view(rgb, settings) for _, _, rgb in batch]).to(device)
         L, _ = uint8_to_lab(views)
         ab = predict_ab(generator, L, mode, [image_seed(key) for _, key, _ in batch])
@@ -159,46 +178,25 @@ def evaluate_samples(generator: torch.nn.Module, settings: InferenceSettings, mo
             lp_gray = lpips_net(grays.to(device), views).tolist()
         views = views.cpu()
         for (index, key, rgb), pred, gray, truth in zip(batch, preds, grays, views):
-            p, g, t = _hwc(torch.stack([pred, gray, truth]))
+            p, g, t = map(_hwc, (pred, gray, truth))
             result = ImageResult(index, key, image_metrics(p, t), image_metrics(g, t))
             if lpips_net is not None:
                 result.model["lpips"], result.gray["lpips"] = lp_model.pop(0), lp_gray.pop(0)
             if full_res:
-                full = rgb.to(device)
-                t_full = full.permute(1, 2, 0).cpu().numpy()
+                full, t_full = rgb.to(device), _hwc(rgb)
                 pred_full = colorize_one(generator, full, settings, mode, image_seed(key))
-                gray_full = _neutral(compose(full, torch.zeros(2, 1, 1, device=device))[None])[0]
-                result.full_model = image_metrics(_hwc(pred_full[None])[0], t_full)
-                result.full_gray = image_metrics(_hwc(gray_full[None])[0], t_full)
+                gray_full = _neutral(compose(full, torch.zeros(2, 1, 1, device=device)))
+                result.full_model = image_metrics(_hwc(pred_full), t_full)
+                result.full_gray = image_metrics(_hwc(gray_full), t_full)
             out.results.append(result)
             out.tiles[index] = Tiles(key, gray, pred, truth)
         _prune_tiles(out, keep_tiles)
-        batch.clear()
-
-    for index, key, rgb in samples:
-        if isinstance(rgb, str):
-            out.skipped["undecodable"] = out.skipped.get("undecodable", 0) + 1
-            print(f"warning: skipped {key}: {rgb}", file=sys.stderr)
-            continue
-        if full_res:
-            try:
-                model_shape(rgb.shape[-2], rgb.shape[-1], settings, 2 ** generator.num_downs)
-            except GeometryError as exc:
-                out.skipped["too_thin"] = out.skipped.get("too_thin", 0) + 1
-                print(f"warning: skipped {key}: {exc}", file=sys.stderr)
-                continue
-        batch.append((index, key, rgb))
-        if len(batch) >= batch_size:
-            run_batch()
-    if batch:
-        run_batch()
     return out
 
 
 def _prune_tiles(out: Evaluation, first: int) -> None:
-    by_l1 = sorted((r for r in out.results if r.index in out.tiles), key=lambda r: r.model["ab_l1"])
     keep = set(sorted(out.tiles)[:first])
-    keep |= {r.index for r in by_l1[:EXTREMES] + by_l1[-EXTREMES:]}
+    keep |= {r.index for r in _extremes([r for r in out.results if r.index in out.tiles])}
     for index in set(out.tiles) - keep:
         del out.tiles[index]
 
@@ -212,20 +210,18 @@ def gather(part: Evaluation, expected: int) -> Evaluation:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         parts = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
         torch.distributed.all_gather_object(parts, part)
-    results = sorted((r for p in parts for r in p.results), key=lambda r: r.index)
-    skipped: dict[str, int] = {}
+    merged = Evaluation(sorted((r for p in parts for r in p.results), key=lambda r: r.index), {})
+    skipped: Counter[str] = Counter()
     for p in parts:
-        for reason, n in p.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    unique = {r.index for r in results}
-    if len(unique) != len(results) or len(results) + sum(skipped.values()) != expected:
-        raise RuntimeError(f"gathered {len(results)} results ({len(unique)} distinct) and "
-                           f"{sum(skipped.values())} skips for {expected} samples")
-    merged = Evaluation(results, skipped)
-    for p in parts:
+        skipped.update(p.skipped)
         merged.tiles.update(p.tiles)
         for name, feats in p.features.items():
             merged.features.setdefault(name, {}).update(feats)
+    merged.skipped = dict(skipped)
+    results, unique = merged.results, {r.index for r in merged.results}
+    if len(unique) != len(results) or len(results) + skipped.total() != expected:
+        raise RuntimeError(f"gathered {len(results)} results ({len(unique)} distinct) and "
+                           f"{skipped.total()} skips for {expected} samples")
     return merged
 
 
@@ -291,7 +287,7 @@ def gallery_png(tiles: list[Tiles]) -> bytes:
     for row, t in enumerate(tiles):
         top = head + row * (size + foot + pad)
         for col, img in enumerate((t.gray, t.pred, t.truth)):
-            canvas.paste(Image.fromarray(img.permute(1, 2, 0).numpy()), (pad + col * (size + pad), top))
+            canvas.paste(Image.fromarray(_hwc(img)), (pad + col * (size + pad), top))
         draw.text((pad, top + size + 1), t.key[:width // 6], fill="black")
     png = io.BytesIO()
     canvas.save(png, format="PNG")
@@ -342,7 +338,7 @@ def run(opts: EvalOptions) -> dict[str, Any]:
     export_path, shards_path, output = _resolve(opts)
     output.mkdir(parents=True, exist_ok=True)  # a read-only or impossible --output fails before the work
     state = PartialState(cpu=not torch.cuda.is_available())
-    exported: GeneratorExport = load_export(export_path, state.device)
+    exported = load_export(export_path, state.device)
     settings = exported.settings
     mode: NormMode = opts.norm_mode or settings.norm_mode
     try:
@@ -393,27 +389,28 @@ def fid_report(merged: Evaluation) -> dict[str, float] | str:
             "gray": frechet_distance(sets["gray"], sets["truth"])}
 
 
+def _extremes(results: list[ImageResult]) -> list[ImageResult]:
+    """The EXTREMES best then the EXTREMES worst by ab-L1 (each once), best first."""
+    ranked = sorted(results, key=lambda r: r.model["ab_l1"])
+    return ranked[:EXTREMES] + [r for r in ranked[-EXTREMES:] if r not in ranked[:EXTREMES]]
+
+
 def best_and_worst(merged: Evaluation) -> list[Tiles]:
-    """The EXTREMES best then the EXTREMES worst images by ab-L1 (each once), best first, each
-    captioned with its ab-L1 so the picture says which rows are which."""
-    ranked = sorted(merged.results, key=lambda r: r.model["ab_l1"])
-    extremes = ranked[:EXTREMES] + [r for r in ranked[-EXTREMES:] if r not in ranked[:EXTREMES]]
+    """The extremes' tiles, each captioned with its ab-L1 so the picture says which rows are
+    which."""
     return [dataclasses.replace(merged.tiles[r.index], key=f"ab-L1 {r.model['ab_l1']:.2f}  {r.key}")
-            for r in extremes]
+            for r in _extremes(merged.results)]
 
 
 def _write(report: dict[str, Any], merged: Evaluation, output: Path, name: str, gallery: int) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write(output / f"{name}.json", json.dumps(report, indent=1) + "\n")
     text = markdown(report)
-    atomic_write(output / f"{name}.md", text)
-    first = [merged.tiles[r.index] for r in merged.results[:gallery]]
-    written = ".json, .md"
-    if first:
-        atomic_write(output / f"{name}-gallery.png", gallery_png(first))
-        written += ", -gallery.png"
-    atomic_write(output / f"{name}-best-worst.png", gallery_png(best_and_worst(merged)))
-    print(text + f"\nwritten: {output / name}{written}, -best-worst.png", flush=True)
+    files = {".json": json.dumps(report, indent=1) + "\n", ".md": text}
+    if first := [merged.tiles[r.index] for r in merged.results[:gallery]]:
+        files["-gallery.png"] = gallery_png(first)
+    files["-best-worst.png"] = gallery_png(best_and_worst(merged))
+    for suffix, data in files.items():
+        atomic_write(output / f"{name}{suffix}", data)
+    print(text + f"\nwritten: {output / name}{', '.join(files)}", flush=True)
 
 
 class TrainingEval:
