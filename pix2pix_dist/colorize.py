@@ -12,10 +12,13 @@ under --output. Unreadable, oversized, too thin and non-regular files are skippe
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 import sys
 import warnings
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -90,71 +93,60 @@ def output_name(relative: Path, suffix: str, used: set[str]) -> Path:
 
 
 def encode(rgb: torch.Tensor, fmt: str, quality: int) -> bytes:
-    """uint8 (3,H,W) -> PNG or JPEG bytes."""
+    """uint8 (3,H,W) -> PNG or JPEG bytes (`quality` is for JPEG; PNG ignores it)."""
     buffer = io.BytesIO()
-    image = Image.fromarray(rgb.permute(1, 2, 0).cpu().numpy())
-    if fmt == "jpeg":
-        image.save(buffer, format="JPEG", quality=quality)
-    else:
-        image.save(buffer, format="PNG")
+    Image.fromarray(rgb.permute(1, 2, 0).cpu().numpy()).save(buffer, format=fmt, quality=quality)
     return buffer.getvalue()
 
 
-class Colorizer:
-    """Loads, batches (same network input size), predicts and writes; counts skips."""
+def colorize_files(opts: ColorizeOptions, exported: GeneratorExport, device: torch.device,
+                   files: list[tuple[Path, Path]]) -> tuple[int, dict[str, int]]:
+    """Load, batch (same network input size), predict and write `files` (from find_inputs);
+    (images written, skip counts)."""
+    from tqdm.auto import tqdm
 
-    def __init__(self, opts: ColorizeOptions, exported: GeneratorExport, device: torch.device,
-                 inputs: list[Path]) -> None:
-        self.opts, self.exported, self.device = opts, exported, device
-        self.mode: NormMode = opts.norm_mode or exported.settings.norm_mode
-        self.batch_size = opts.batch_size or (8 if device.type == "cuda" else 1)
-        self.suffix = ".jpg" if opts.format == "jpeg" else ".png"
-        self.root = opts.output.resolve()
-        self.pending: list[tuple[Path, torch.Tensor, torch.Tensor, int, int, int]] = []
-        # Inputs inside --output keep their names: `colorize photos/ --output photos/` must not
-        # write photos/a.png over the photo photos/a.png (it gets a-2.png instead).
-        self.used = {os.path.relpath(os.path.realpath(p), self.root).lower() for p in inputs}
-        self.written = 0
-        self.skipped: dict[str, int] = {}
+    generator, settings = exported.generator, exported.settings
+    mode: NormMode = opts.norm_mode or settings.norm_mode
+    batch_size = opts.batch_size or (8 if device.type == "cuda" else 1)
+    suffix = ".jpg" if opts.format == "jpeg" else ".png"
+    root = opts.output.resolve()
+    # Inputs inside --output keep their names: `colorize photos/ --output photos/` must not
+    # write photos/a.png over the photo photos/a.png (it gets a-2.png instead).
+    used = {os.path.relpath(os.path.realpath(p), root).lower() for p, _ in files}
+    skipped: Counter[str] = Counter()
 
-    def skip(self, path: Path, reason: str, detail: str, say) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        say(f"skipped {display_name(str(path))}: {detail}")  # one line, whatever the name
+    def loaded() -> Iterator[tuple[Path, torch.Tensor, torch.Tensor, int, int, int]]:
+        for path, relative in tqdm(files, unit="img", dynamic_ncols=True,
+                                   disable=not opts.progress or len(files) < PROGRESS_MIN_FILES):
+            try:
+                with warnings.catch_warnings():  # read-only pixels: nothing here writes to them
+                    warnings.simplefilter("ignore", UserWarning)
+                    rgb = torch.from_numpy(load_rgb(path, opts.max_pixels))
+                rgb = rgb.permute(2, 0, 1).to(device)
+                L, h, w = model_input(rgb, settings, 2 ** generator.num_downs)
+            except (Skip, GeometryError) as exc:
+                skipped[exc.reason if isinstance(exc, Skip) else "too_thin"] += 1
+                # One line, whatever the name.
+                tqdm.write(f"skipped {display_name(str(path))}: {exc}", file=sys.stderr)
+                continue
+            yield output_name(relative, suffix, used), rgb, L, h, w, image_seed(str(relative))
 
-    def add(self, path: Path, relative: Path, say) -> None:
-        try:
-            with warnings.catch_warnings():  # read-only pixels: nothing here writes to them
-                warnings.simplefilter("ignore", UserWarning)
-                rgb = torch.from_numpy(load_rgb(path, self.opts.max_pixels))
-            rgb = rgb.permute(2, 0, 1).to(self.device)
-            L, h, w = model_input(rgb, self.exported.settings, 2 ** self.exported.generator.num_downs)
-        except Skip as exc:
-            return self.skip(path, exc.reason, str(exc), say)
-        except GeometryError as exc:
-            return self.skip(path, "too_thin", str(exc), say)
-        dest = output_name(relative, self.suffix, self.used)
-        if self.pending and self.pending[0][2].shape != L.shape:
-            self.flush()
-        self.pending.append((dest, rgb, L, h, w, image_seed(str(relative))))
-        if len(self.pending) >= self.batch_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        L = torch.cat([item[2] for item in self.pending])
-        ab = predict_ab(self.exported.generator, L, self.mode, [item[5] for item in self.pending])
-        for (dest, rgb, _, h, w, _), one in zip(self.pending, ab):
-            data = encode(compose(rgb, one[:, :h, :w]), self.opts.format, self.opts.quality)
-            target = self.opts.output / dest
-            # Checked before mkdir, which would otherwise create folders behind the link.
-            if not target.parent.resolve().is_relative_to(self.root):
-                raise CliError(f"{target.parent} leads outside --output {self.opts.output} "
-                               f"(a symbolic link?); refusing to write there")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(target, data)
-            self.written += 1
-        self.pending.clear()
+    written = 0
+    for _, same_size in itertools.groupby(loaded(), key=lambda item: item[2].shape):
+        while batch := list(itertools.islice(same_size, batch_size)):
+            ab = predict_ab(generator, torch.cat([item[2] for item in batch]), mode,
+                            [item[5] for item in batch])
+            for (dest, rgb, _, h, w, _), one in zip(batch, ab):
+                data = encode(compose(rgb, one[:, :h, :w]), opts.format, opts.quality)
+                target = opts.output / dest
+                # Checked before mkdir, which would otherwise create folders behind the link.
+                if not target.parent.resolve().is_relative_to(root):
+                    raise CliError(f"{target.parent} leads outside --output {opts.output} "
+                                   f"(a symbolic link?); refusing to write there")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(target, data)
+                written += 1
+    return written, dict(skipped)
 
 
 def run(opts: ColorizeOptions) -> int:
@@ -177,22 +169,11 @@ def run(opts: ColorizeOptions) -> int:
     if not files:
         raise CliError(f"no images found in {', '.join(map(str, opts.inputs))}")
     opts.output.mkdir(parents=True, exist_ok=True)
-    work = Colorizer(opts, exported, device, [path for path, _ in files])
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(files), unit="img", dynamic_ncols=True,
-               disable=not opts.progress or len(files) < PROGRESS_MIN_FILES)
-    say = (lambda text: tqdm.write(text, file=sys.stderr))
-    for path, relative in files:
-        work.add(path, relative, say)
-        bar.update(1)
-    work.flush()
-    bar.close()
-    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(work.skipped.items()))
-    print(f"colorized {work.written} image(s) into {opts.output}"
-          + (f"; skipped {sum(work.skipped.values())} ({skipped})" if skipped else ""))
-    return 0 if work.written else 1
+    written, skipped = colorize_files(opts, exported, device, files)
+    counts = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+    print(f"colorized {written} image(s) into {opts.output}"
+          + (f"; skipped {sum(skipped.values())} ({counts})" if counts else ""))
+    return 0 if written else 1
 
 
 def main(argv: list[str] | None = None) -> int:
