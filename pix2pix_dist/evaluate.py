@@ -38,7 +38,7 @@ from .data.shards_index import ShardSet, find_shards
 from .data.torch_pipeline import _read, _segments, decode
 from .export import (ExportError, InferenceSettings, NormMode, export_path, generator_meta,
                      load_export)
-from .inference import (GeometryError, colorize_one, compose, image_seed, inference_copy,
+from .inference import (GeometryError, compose, image_seed, inference_copy, model_input,
                         model_shape, predict_ab, training_view)
 from .metrics import (METRICS, fid_features, fid_network, frechet_distance, image_metrics,
                       lpips_network, mean_metrics)
@@ -184,7 +184,9 @@ def evaluate_samples(generator: torch.nn.Module, settings: InferenceSettings, mo
                 result.model["lpips"], result.gray["lpips"] = lp_model.pop(0), lp_gray.pop(0)
             if full_res:
                 full, t_full = rgb.to(device), _hwc(rgb)
-                pred_full = colorize_one(generator, full, settings, mode, image_seed(key))
+                L_full, h, w = model_input(full, settings, 2 ** generator.num_downs)
+                ab_full = predict_ab(generator, L_full, mode, [image_seed(key)])[0, :, :h, :w]
+                pred_full = compose(full, ab_full)
                 gray_full = _neutral(compose(full, torch.zeros(2, 1, 1, device=device)))
                 result.full_model = image_metrics(_hwc(pred_full), t_full)
                 result.full_gray = image_metrics(_hwc(gray_full), t_full)

@@ -61,7 +61,7 @@ class InferenceSettings:
 @dataclass
 class GeneratorExport:
     generator: UNetGenerator
-    """On the requested device, in eval mode (inference.norm_mode switches it as needed)."""
+    """On the requested device, in eval mode (inference.predict_ab switches it as needed)."""
     settings: InferenceSettings
 
 

@@ -16,11 +16,10 @@ each rule are in docs/design.md ("Evaluation and inference").
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,21 +58,13 @@ def inference_copy(generator: nn.Module, model_args: dict) -> UNetGenerator:
     return copy.to(next(generator.parameters()).device)
 
 
-@contextlib.contextmanager
-def norm_mode(generator: nn.Module, mode: NormMode) -> Iterator[None]:
-    """Run `generator` in `mode` inside the block, then restore its train/eval flag."""
+@torch.no_grad()
+def predict_ab(generator: nn.Module, L: Tensor, mode: NormMode, seeds: Sequence[int]) -> Tensor:
+    """(B,1,h,w) normalised L -> (B,2,h,w) normalised ab, float32, in `mode`; the generator's
+    train/eval flag is restored afterwards."""
     was_training = generator.training
     generator.train(mode == "batch")
     try:
-        with torch.no_grad():
-            yield
-    finally:
-        generator.train(was_training)
-
-
-def predict_ab(generator: nn.Module, L: Tensor, mode: NormMode, seeds: Sequence[int]) -> Tensor:
-    """(B,1,h,w) normalised L -> (B,2,h,w) normalised ab, float32, in `mode`."""
-    with norm_mode(generator, mode):
         if mode == "eval":
             return generator(L).float()
         outs = []
@@ -83,6 +74,8 @@ def predict_ab(generator: nn.Module, L: Tensor, mode: NormMode, seeds: Sequence[
                 torch.manual_seed(seed)
                 outs.append(generator(L[i:i + 1]).float())
         return torch.cat(outs)
+    finally:
+        generator.train(was_training)
 
 
 def training_view(rgb: Tensor, settings: InferenceSettings) -> Tensor:
@@ -133,11 +126,3 @@ def compose(rgb: Tensor, ab: Tensor) -> Tensor:
         part = lab_to_rgb(L, ab_full[:, :, top:top + rows])
         out[:, top:top + rows] = part[0].mul_(255).round_().to(torch.uint8)
     return out
-
-
-def colorize_one(generator: nn.Module, rgb: Tensor, settings: InferenceSettings, mode: NormMode,
-                 seed: int) -> Tensor:
-    """uint8 (3,H,W) photo (colour or gray) -> uint8 (3,H,W) colorized at full resolution."""
-    L, h, w = model_input(rgb, settings, 2 ** generator.num_downs)
-    ab = predict_ab(generator, L, mode, [seed])[0, :, :h, :w]
-    return compose(rgb, ab)
