@@ -38,6 +38,7 @@ from .data.shards_index import ShardSet, find_shards
 from .data.torch_pipeline import _read, _segments, decode
 from .export import (ExportError, InferenceSettings, NormMode, export_path, generator_meta,
                      load_export)
+from .imageio import first_line
 from .inference import (GeometryError, compose, image_seed, inference_copy, model_input,
                         model_shape, predict_ab, training_view)
 from .metrics import (METRICS, fid_features, fid_network, frechet_distance, image_metrics,
@@ -116,7 +117,7 @@ def read_split(shards: ShardSet, start: int, stop: int) -> Iterator[tuple[int, s
         try:
             yield index, name, decode(torch.frombuffer(bytearray(jpg), dtype=torch.uint8))
         except RuntimeError as exc:
-            yield index, name, str(exc).splitlines()[0]
+            yield index, name, first_line(exc)
 
 
 def _hwc(image: torch.Tensor) -> np.ndarray:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .atomic import atomic_write
 from .config import Config
+from .imageio import first_line
 from .models import UNetGenerator
 
 EXPORT_NAME = "generator.safetensors"
@@ -104,7 +105,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> Generat
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for malformed files
-        raise ExportError(f"{path} is not a safetensors file: {_line(exc)}") from None
+        raise ExportError(f"{path} is not a safetensors file: {first_line(exc)}") from None
     if MODEL_KEY not in metadata:
         raise ExportError(f"{path} is not a pix2pix_dist generator export (no {MODEL_KEY} metadata)")
     args = _model_args(_json(path, metadata[MODEL_KEY]), path)
@@ -138,16 +139,11 @@ def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _json(path: Path, text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise ExportError(f"{path} has unreadable metadata: {_line(exc)}") from None
+        raise ExportError(f"{path} has unreadable metadata: {first_line(exc)}") from None
     if not isinstance(value, dict):
         raise ExportError(f"{path} has malformed metadata (expected a JSON object)")
     return value

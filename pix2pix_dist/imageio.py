@@ -35,6 +35,12 @@ def display_name(relpath: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line: its first non-blank line, or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class Skip(Exception):
     """An input that is skipped and counted; `reason` is the count's name, str() the detail."""
 
@@ -62,7 +68,7 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
                     ImageOps.exif_transpose(im, in_place=True)  # no copy when upright
                     return to_rgb(im)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            raise Skip("unreadable", (str(exc).splitlines() or [type(exc).__name__])[0]) from None
+            raise Skip("unreadable", first_line(exc)) from None
 
 
 def open_bounded(fp: BinaryIO, max_pixels: int) -> Image.Image:
@@ -73,7 +79,7 @@ def open_bounded(fp: BinaryIO, max_pixels: int) -> Image.Image:
     try:
         im = Image.open(fp)
     except Image.DecompressionBombError as exc:
-        raise Skip("too_large", str(exc).splitlines()[0]) from None
+        raise Skip("too_large", first_line(exc)) from None
     width, height = im.size
     if width * height > max_pixels:
         im.close()

@@ -28,6 +28,8 @@ from skimage.color import rgb2lab
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
+from .imageio import first_line
+
 PSNR_CAP = 100.0
 METRICS = ("psnr", "ssim", "ab_l1", "cf_pred", "cf_truth", "dcf")
 """The keys of image_metrics(), in report order."""
@@ -93,7 +95,7 @@ def fid_network(weights_dir: Path | None, device: torch.device) -> nn.Module | N
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:  # wrong file, damaged file, pickled code (refused by weights_only)
         raise ValueError(f"{path} is not torchvision's Inception v3 weights: "
-                         f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+                         f"{first_line(exc)}") from None
     net.fc = nn.Identity()  # the 2048-d pool features, as FID uses
     return net.eval().to(device)
 
@@ -183,5 +185,5 @@ def lpips_network(weights_dir: Path | None, device: torch.device) -> Lpips | Non
             raise ValueError("linear layers of the wrong shapes")
     except Exception as exc:  # wrong, damaged or pickled-code files (refused by weights_only)
         raise ValueError(f"{paths[0]} and {paths[1]} are not AlexNet and LPIPS v0.1 weights: "
-                         f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+                         f"{first_line(exc)}") from None
     return Lpips(net.features, lins).eval().to(device)

@@ -24,6 +24,7 @@ from pix2pix_dist.evaluate import (NOT_COMPUTED, Evaluation, ImageResult, Tiles,
 from pix2pix_dist.evaluate import main as evaluate_main
 from pix2pix_dist.export import (INFERENCE_KEY, MODEL_KEY, ExportError, InferenceSettings,
                                  export_generator, generator_meta, load_export)
+from pix2pix_dist.imageio import first_line
 from pix2pix_dist.inference import training_view
 from pix2pix_dist.metrics import (FID_WEIGHTS, LPIPS_FILES, Lpips, ab_l1, colourfulness,
                                   frechet_distance, image_metrics, lpips_network, psnr, ssim)
@@ -277,6 +278,11 @@ def test_run_without_shards_is_a_one_line_error(tmp_path, capsys):
         assert evaluate_main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_exception_messages_are_cut_to_their_first_non_blank_line():
+    assert first_line(RuntimeError("\n  decoder failed\ndetails")) == "decoder failed"
+    assert first_line(ValueError("")) == first_line(ValueError("  \n")) == "ValueError"
 
 
 def test_frechet_distance_closed_form():
