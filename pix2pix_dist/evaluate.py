@@ -38,7 +38,7 @@ from .data.shards_index import ShardSet, find_shards
 from .data.torch_pipeline import _read, _segments, decode
 from .export import (ExportError, InferenceSettings, NormMode, export_path, generator_meta,
                      load_export)
-from .imageio import first_line
+from .imageio import display_name, first_line
 from .inference import (GeometryError, compose, image_seed, inference_copy, model_input,
                         model_shape, predict_ab, training_view)
 from .metrics import (METRICS, fid_features, fid_network, frechet_distance, image_metrics,
@@ -147,7 +147,7 @@ def evaluate_samples(generator: torch.nn.Module, settings: InferenceSettings, mo
 
     def skip(reason: str, key: str, detail: object) -> None:
         out.skipped[reason] = out.skipped.get(reason, 0) + 1
-        print(f"warning: skipped {key}: {detail}", file=sys.stderr)
+        print(f"warning: skipped {display_name(key)}: {detail}", file=sys.stderr)
 
     def measurable() -> Iterator[tuple[int, str, torch.Tensor]]:
         for index, key, rgb in samples:

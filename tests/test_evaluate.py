@@ -111,6 +111,19 @@ def test_gray_baseline_dcf_equals_truth_colourfulness(sample_shards, tmp_path):
             assert gray["dcf"] == gray["cf_truth"] > 5
 
 
+def test_skip_warnings_keep_an_odd_key_on_one_line(tmp_path, capsys):
+    exported = load_export(tiny_export(tmp_path / "run"))
+    thin = torch.zeros(3, 8, 200, dtype=torch.uint8)
+    samples = [(0, "s/line\nbreak\udcff", "no .jpg member"), (1, "s/thin\r", thin)]
+    result = evaluate_samples(exported.generator, exported.settings, "eval", iter(samples),
+                              device=torch.device("cpu"), full_res=True)
+    assert result.skipped == {"undecodable": 1, "too_thin": 1}
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: skipped s/line\\nbreak\\xff: no .jpg member",
+        "warning: skipped s/thin\\r: 200x8 pixels: inputs need a shorter side of at least 16 px "
+        "and an aspect ratio of at most 8:1"]
+
+
 @pytest.fixture
 def one_thread():
     """Tiny convolutions on a shared 2-core machine: extra threads only contend (25x slower)."""
