@@ -11,6 +11,7 @@ the inference rules in pix2pix_dist/inference.py; the design in docs/design.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -334,44 +335,60 @@ def _resolve(opts: EvalOptions) -> tuple[Path, Path, Path]:
     return export, shards, output
 
 
+@contextlib.contextmanager
+def _new_folder(path: Path) -> Iterator[None]:
+    """Create `path` for the block; if the block fails, remove the folders it created that are
+    still empty (a failed evaluation leaves no empty eval/ behind)."""
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in created:  # innermost first; a folder with files in it stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
 def run(opts: EvalOptions) -> dict[str, Any]:
     """Evaluate on every process of the current launch; rank 0 writes and returns the report."""
     from accelerate import PartialState
 
     export_path, shards_path, output = _resolve(opts)
-    output.mkdir(parents=True, exist_ok=True)  # a read-only or impossible --output fails before the work
-    state = PartialState(cpu=not torch.cuda.is_available())
-    exported = load_export(export_path, state.device)
-    settings = exported.settings
-    mode: NormMode = opts.norm_mode or settings.norm_mode
-    try:
-        fid_net = fid_network(opts.weights_dir, state.device)
-        lpips_net = lpips_network(opts.weights_dir, state.device)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    shards = find_shards(shards_path, opts.split)
-    total = min(shards.total, opts.limit or shards.total)
-    start, stop = rank_range(total, state.num_processes, state.process_index)
-    part = evaluate_samples(exported.generator, settings, mode, read_split(shards, start, stop),
-                            device=state.device, batch_size=opts.batch_size,
-                            full_res=opts.full_res, keep_tiles=opts.gallery, fid_net=fid_net,
-                            lpips_net=lpips_net)
-    merged = gather(part, total)
-    if not merged.results:
-        raise DataError(f"no decodable images in the {opts.split} split of {shards_path}")
-    name = opts.name or f"{opts.split}-step{settings.step:08d}"
-    report = {
-        "name": name, "generator": str(export_path), "shards": str(shards_path),
-        "split": opts.split, "images": len(merged.results), "skipped": merged.skipped,
-        "processes": state.num_processes,
-        "settings": {**dataclasses.asdict(settings), "norm_mode": mode},
-        "metrics": summary(merged.results), "lpips": lpips_report(merged.results),
-        "fid": fid_report(merged),
-        "per_image": [dataclasses.asdict(r) for r in merged.results],
-    }
-    if state.is_main_process:
-        _write(report, merged, output, name, opts.gallery)
-    return report
+    # Made now, so that a read-only or impossible --output fails before the work.
+    with _new_folder(output):
+        state = PartialState(cpu=not torch.cuda.is_available())
+        exported = load_export(export_path, state.device)
+        settings = exported.settings
+        mode: NormMode = opts.norm_mode or settings.norm_mode
+        try:
+            fid_net = fid_network(opts.weights_dir, state.device)
+            lpips_net = lpips_network(opts.weights_dir, state.device)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        shards = find_shards(shards_path, opts.split)
+        total = min(shards.total, opts.limit or shards.total)
+        start, stop = rank_range(total, state.num_processes, state.process_index)
+        part = evaluate_samples(exported.generator, settings, mode, read_split(shards, start, stop),
+                                device=state.device, batch_size=opts.batch_size,
+                                full_res=opts.full_res, keep_tiles=opts.gallery, fid_net=fid_net,
+                                lpips_net=lpips_net)
+        merged = gather(part, total)
+        if not merged.results:
+            raise DataError(f"no decodable images in the {opts.split} split of {shards_path}")
+        name = opts.name or f"{opts.split}-step{settings.step:08d}"
+        report = {
+            "name": name, "generator": str(export_path), "shards": str(shards_path),
+            "split": opts.split, "images": len(merged.results), "skipped": merged.skipped,
+            "processes": state.num_processes,
+            "settings": {**dataclasses.asdict(settings), "norm_mode": mode},
+            "metrics": summary(merged.results), "lpips": lpips_report(merged.results),
+            "fid": fid_report(merged),
+            "per_image": [dataclasses.asdict(r) for r in merged.results],
+        }
+        if state.is_main_process:
+            _write(report, merged, output, name, opts.gallery)
+        return report
 
 
 def lpips_report(results: list[ImageResult]) -> dict[str, float] | str:

@@ -291,6 +291,11 @@ def test_run_without_shards_is_a_one_line_error(tmp_path, capsys):
         assert evaluate_main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    # Failing after setup leaves no empty folder it created (eval/, or a new --output tree).
+    assert evaluate_main([str(tmp_path / "run"), "--output", str(tmp_path / "new" / "out")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loose.safetensors", "run"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json",
+                                                                    "generator.safetensors"]
 
 
 def test_exception_messages_are_cut_to_their_first_non_blank_line():
