@@ -30,7 +30,8 @@ from PIL import Image
 from .atomic import atomic_write
 from .cli import CliError, parse
 from .export import ExportError, GeneratorExport, NormMode, load_export
-from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Skip, display_name, load_rgb
+from .imageio import (DEFAULT_MAX_PIXELS, Skip, display_name, has_image_ext, is_hidden,
+                      load_rgb)
 from .inference import GeometryError, compose, image_seed, model_input, predict_ab
 
 PROGRESS_MIN_FILES = 6
@@ -40,7 +41,8 @@ PROGRESS_MIN_FILES = 6
 @dataclass
 class ColorizeOptions:
     inputs: tyro.conf.Positional[list[Path]]
-    """Image files or folders (searched recursively)."""
+    """Image files or folders (searched recursively, following symbolic links, skipping hidden
+    files and folders)."""
     generator: Path
     """A generator export: generator.safetensors, or the run or checkpoint folder that holds it."""
     output: Path = Path("colorized")
@@ -63,14 +65,26 @@ class ColorizeOptions:
 
 
 def find_inputs(paths: list[Path]) -> list[tuple[Path, Path]]:
-    """(file, path relative to its input argument) for every candidate image, in order."""
+    """(file, path relative to its input argument) for every candidate image, in order.
+
+    Folders are searched as the shard writer searches its sources: symbolic links to folders
+    are followed (each folder once, so a link cycle ends), hidden names (imageio.is_hidden) are
+    skipped. A file given by name is taken as it is."""
     found: list[tuple[Path, Path]] = []
     for path in paths:
-        if path.is_dir():
-            found += [(p, p.relative_to(path)) for p in sorted(path.rglob("*"))
-                      if p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.is_dir()]
-        else:
+        if not path.is_dir():
             found.append((path, Path(path.name)))
+            continue
+        below, seen = [], set()
+        for folder, dirs, files in os.walk(path, followlinks=True):
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                dirs.clear()
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            dirs[:] = [d for d in dirs if not is_hidden(d)]
+            below += [Path(folder, f) for f in files if not is_hidden(f) and has_image_ext(f)]
+        found += [(p, p.relative_to(path)) for p in sorted(below)]
     return found
 
 

@@ -28,6 +28,17 @@ time in chunks; the shard writer, with one decoder per core, sets a lower one of
 _WIDE_GRAY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
+def is_hidden(name: str) -> bool:
+    """A file or folder name that is never read as input, by the shard writer or by colorize:
+    dotfiles (including macOS '._photo.jpg' AppleDouble junk, which has an image extension)
+    and __MACOSX folders."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def has_image_ext(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def display_name(relpath: str) -> str:
     """A file name as it can be printed and stored in JSON: bytes that are not UTF-8 as \\xNN,
     control characters (a newline in a name...) escaped, so one name stays on one line."""

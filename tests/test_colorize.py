@@ -17,10 +17,11 @@ from skimage.color import rgb2lab
 
 from conftest import run_python
 from pix2pix_dist.colorize import main as colorize_main
-from pix2pix_dist.colorize import output_name
+from pix2pix_dist.colorize import find_inputs, output_name
 from pix2pix_dist import inference
 from pix2pix_dist.export import InferenceSettings
 from pix2pix_dist.inference import GeometryError, compose, model_shape
+from pix2pix_dist.shards.sources import open_source
 from test_evaluate import tiny_export
 
 
@@ -231,3 +232,19 @@ def test_a_run_folder_stands_for_its_generator_export(export, tmp_path):
                           np.asarray(Image.open(tmp_path / "by_folder" / "p.png")))
     assert colorize_main([str(tmp_path / "p.png"), "--generator", str(tmp_path),
                           "--output", str(tmp_path / "none")]) == 2  # a folder without an export
+
+
+def test_folders_are_searched_as_the_shard_writer_searches_its_sources(tmp_path):
+    src, outside = tmp_path / "in", tmp_path / "outside"
+    for rel in ("a.jpg", ".hidden.jpg", "._a.jpg", ".git/b.jpg", "__MACOSX/c.jpg", "sub/.d.png",
+                "sub/d.PNG", "sub/notes.txt"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(b"x")
+    outside.mkdir()
+    (outside / "e.jpg").write_bytes(b"x")
+    (src / "linked").symlink_to(outside)  # followed, like a dataset symlinked in
+    (src / "sub" / "loop").symlink_to(src)  # a cycle: each folder is read once
+    found = [str(relative) for _, relative in find_inputs([src])]
+    assert found == ["a.jpg", "linked/e.jpg", "sub/d.PNG"]
+    assert found == [c.relpath for c in open_source(src).candidates]
+    assert find_inputs([src / ".hidden.jpg"]) == [(src / ".hidden.jpg", Path(".hidden.jpg"))]

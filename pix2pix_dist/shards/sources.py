@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..imageio import IMAGE_EXTENSIONS
+from ..imageio import IMAGE_EXTENSIONS, has_image_ext as _has_image_ext, is_hidden as _is_hidden
 from .errors import ShardError
 
 SAMPLE = "sample"
@@ -55,15 +55,6 @@ def sample_dir() -> Path:
     import skimage.data
 
     return Path(skimage.data.__file__).parent
-
-
-def _is_hidden(part: str) -> bool:
-    # Dotfiles include macOS '._photo.jpg' AppleDouble junk, which has an image extension.
-    return part.startswith(".") or part == "__MACOSX"
-
-
-def _has_image_ext(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _walk(root: Path) -> tuple[list[Candidate], list[str]]:
