@@ -106,13 +106,6 @@ def output_name(relative: Path, suffix: str, used: set[str]) -> Path:
     return candidate
 
 
-def encode(rgb: torch.Tensor, fmt: str, quality: int) -> bytes:
-    """uint8 (3,H,W) -> PNG or JPEG bytes (`quality` is for JPEG; PNG ignores it)."""
-    buffer = io.BytesIO()
-    Image.fromarray(rgb.permute(1, 2, 0).cpu().numpy()).save(buffer, format=fmt, quality=quality)
-    return buffer.getvalue()
-
-
 def colorize_files(opts: ColorizeOptions, exported: GeneratorExport, device: torch.device,
                    files: list[tuple[Path, Path]]) -> tuple[int, dict[str, int]]:
     """Load, batch (same network input size), predict and write `files` (from find_inputs);
@@ -151,14 +144,16 @@ def colorize_files(opts: ColorizeOptions, exported: GeneratorExport, device: tor
             ab = predict_ab(generator, torch.cat([item[2] for item in batch]), mode,
                             [item[5] for item in batch])
             for (dest, rgb, _, h, w, _), one in zip(batch, ab):
-                data = encode(compose(rgb, one[:, :h, :w]), opts.format, opts.quality)
+                image = Image.fromarray(compose(rgb, one[:, :h, :w]).permute(1, 2, 0).cpu().numpy())
+                data = io.BytesIO()  # PNG ignores `quality`
+                image.save(data, format=opts.format, quality=opts.quality)
                 target = opts.output / dest
                 # Checked before mkdir, which would otherwise create folders behind the link.
                 if not target.parent.resolve().is_relative_to(root):
                     raise CliError(f"{target.parent} leads outside --output {opts.output} "
                                    f"(a symbolic link?); refusing to write there")
                 target.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(target, data)
+                atomic_write(target, data.getvalue())
                 written += 1
     return written, dict(skipped)
 

@@ -300,19 +300,13 @@ def gallery_png(tiles: list[Tiles]) -> bytes:
 
 # --- the command ---------------------------------------------------------------------------
 
-def _run_folder(target: Path) -> Path | None:
-    """The run folder of a run folder or of an export inside one (root or a checkpoint)."""
-    for folder in (target, target.parent, target.parent.parent.parent):
-        if (folder / "config.json").is_file():
-            return folder
-    return None
-
-
 def _resolve(opts: EvalOptions) -> tuple[Path, Path, Path]:
     """(export file, shards folder, output folder) from the options; CliError when unclear."""
     target = opts.target
     export = export_path(target)
-    run = _run_folder(target)
+    # The run folder: the target, or the one holding the export (in its root or a checkpoint).
+    run = next((folder for folder in (target, target.parent, target.parent.parent.parent)
+                if (folder / "config.json").is_file()), None)
     shards = opts.shards
     if shards is None:
         if run is None:
@@ -448,18 +442,17 @@ class TrainingEval:
         count = min(cfg.eval.count, shards.total)
         self.samples = [s for s in read_split(shards, 0, count) if not isinstance(s[2], str)]
         self.cfg, self.device = cfg, device
-        self.model_args = generator_meta(cfg, 0)["model"]
 
     def __call__(self, generator: torch.nn.Module, step: int) -> dict[str, float]:
         """eval/* scalars of `generator` (the training model is not modified)."""
-        settings = InferenceSettings(**generator_meta(self.cfg, step)["inference"])
-        copy = inference_copy(generator, self.model_args)
+        meta = generator_meta(self.cfg, step)
+        settings = InferenceSettings(**meta["inference"])
+        copy = inference_copy(generator, meta["model"])
         result = evaluate_samples(copy, settings, settings.norm_mode, iter(self.samples),
                                   device=self.device, batch_size=16)
         means = summary(result.results)["train_res"]
-        scalars = {f"eval/{k}": v for k, v in means["model"].items()}
-        scalars.update({f"eval/gray_{k}": means["gray"][k] for k in ("psnr", "ssim", "ab_l1")})
-        return scalars
+        return {**{f"eval/{k}": v for k, v in means["model"].items()},
+                **{f"eval/gray_{k}": means["gray"][k] for k in ("psnr", "ssim", "ab_l1")}}
 
 
 def main(argv: list[str] | None = None) -> int:
