@@ -231,10 +231,6 @@ def gather(part: Evaluation, expected: int) -> Evaluation:
 
 # --- reports -------------------------------------------------------------------------------
 
-HEADERS = {"psnr": "PSNR dB", "ssim": "SSIM", "ab_l1": "ab-L1", "cf_pred": "CF pred",
-           "cf_truth": "CF truth", "dcf": "dCF"}
-
-
 def summary(results: list[ImageResult]) -> dict[str, dict[str, dict[str, float]]]:
     """{"train_res": {"model": means, "gray": means}, "full_res": ... (when measured)}."""
     out = {"train_res": {"model": mean_metrics([r.model for r in results]),
@@ -247,7 +243,7 @@ def summary(results: list[ImageResult]) -> dict[str, dict[str, dict[str, float]]
 
 def table(means: dict[str, dict[str, float]], title: str) -> str:
     """A Markdown table: the model row and the gray-baseline row."""
-    lines = [f"**{title}**", "", "| | " + " | ".join(HEADERS[k] for k in METRICS) + " |",
+    lines = [f"**{title}**", "", "| | " + " | ".join(METRICS.values()) + " |",
              "|---|" + "---:|" * len(METRICS)]
     for row, label in (("model", "model"), ("gray", "gray baseline (ab = 0)")):
         lines.append(f"| {label} | " + " | ".join(f"{means[row][k]:.3f}" for k in METRICS) + " |")

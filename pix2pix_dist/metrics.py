@@ -31,8 +31,9 @@ from torch import nn
 from .imageio import first_line
 
 PSNR_CAP = 100.0
-METRICS = ("psnr", "ssim", "ab_l1", "cf_pred", "cf_truth", "dcf")
-"""The keys of image_metrics(), in report order."""
+METRICS = {"psnr": "PSNR dB", "ssim": "SSIM", "ab_l1": "ab-L1", "cf_pred": "CF pred",
+           "cf_truth": "CF truth", "dcf": "dCF"}
+"""The keys of image_metrics(), in report order, with their report table headers."""
 
 
 def _unit(rgb: np.ndarray) -> np.ndarray:
