@@ -80,8 +80,7 @@ def export_generator(generator: nn.Module, path: Path, meta: dict[str, dict[str,
     """Write weights, buffers and `meta` (from generator_meta) atomically; refuse non-finite
     weights, which would colorize every image into garbage."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    bad = _first_nonfinite(tensors)
-    if bad:
+    if bad := _first_nonfinite(tensors):
         raise ExportError(f"refusing to export a generator with non-finite values in {bad} to {path}")
     metadata = {MODEL_KEY: json.dumps(meta["model"]), INFERENCE_KEY: json.dumps(meta["inference"])}
     atomic_write(Path(path), save(tensors, metadata=metadata))
@@ -124,8 +123,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> Generat
         if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
             raise ExportError(f"{path}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, the "
                               f"model needs {expected[name].dtype} {tuple(expected[name].shape)}")
-    bad = _first_nonfinite(tensors)
-    if bad:
+    if bad := _first_nonfinite(tensors):
         raise ExportError(f"{path} has non-finite values in {bad} (the run diverged); use the "
                           f"generator.safetensors of an earlier checkpoint")
     generator.load_state_dict(tensors, assign=True)  # the loaded tensors become the weights
@@ -133,10 +131,8 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> Generat
 
 
 def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
+    return next((name for name, tensor in tensors.items()
+                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
 
 
 def _json(path: Path, text: str) -> dict[str, Any]:
