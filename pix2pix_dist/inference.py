@@ -107,7 +107,7 @@ def model_input(rgb: Tensor, settings: InferenceSettings, multiple: int) -> tupl
     h, w, ph, pw = model_shape(rgb.shape[-2], rgb.shape[-1], settings, multiple)
     # The same resize as validation (training_view), without its centre crop.
     small = training_view(rgb, settings) if settings.resize == "square" else TF.resize(
-        rgb, [settings.crop_size], antialias=True)
+        rgb, [settings.crop_size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     L, _ = uint8_to_lab(small[None])
     # The padding is shorter than the image side (it is < multiple <= crop size <= h, w).
     return F.pad(L, (0, pw - w, 0, ph - h), mode="reflect"), h, w

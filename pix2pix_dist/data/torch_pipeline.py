@@ -43,9 +43,10 @@ class Augment:
     """pix2pix augmentation for one sample, on CPU or CUDA uint8 (3,H,W) tensors.
 
     Geometry (`resize`, the same in dali_pipeline.py): `shorter_side` resizes the shorter side
-    (bilinear) to load_size for training, to crop_size for validation, then crops a square;
-    `square` squashes the whole image to load_size x load_size (validation: crop_size x
-    crop_size) with bicubic interpolation, as the tutorial's Resize((256, 256), BICUBIC)."""
+    to load_size for training, to crop_size for validation, then crops a square; `square`
+    squashes the whole image to load_size x load_size (validation: crop_size x crop_size).
+    Both resize bicubic, antialiased (PIL's BICUBIC), as the pix2pix reference's and the
+    tutorial's transforms do."""
 
     crop_size: int
     load_size: int
@@ -60,7 +61,8 @@ class Augment:
         if not self.train:  # the whole image (square) or its centre, at S x S
             if self.resize == "square":
                 return self._squash(img, size).contiguous()
-            return TF.center_crop(TF.resize(img, [size], antialias=True), [size, size])
+            return TF.center_crop(TF.resize(img, [size], interpolation=TF.InterpolationMode.BICUBIC,
+                                            antialias=True), [size, size])
         if self.random_resized_crop:
             top, left, h, w = self._rrc_window(img.shape[-2], img.shape[-1], rng)
             img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
@@ -68,7 +70,8 @@ class Augment:
             if self.resize == "square":
                 img = self._squash(img, self.load_size)
             else:
-                img = TF.resize(img, [self.load_size], antialias=True)
+                img = TF.resize(img, [self.load_size], interpolation=TF.InterpolationMode.BICUBIC,
+                                antialias=True)
             top = rng.randint(0, img.shape[-2] - size)
             left = rng.randint(0, img.shape[-1] - size)
             img = TF.crop(img, top, left, size, size)
