@@ -22,7 +22,7 @@ from pix2pix_dist.bench import main
 from pix2pix_dist.bench.flops import count_flops, peak_bf16_tflops, step_flops_per_image
 from pix2pix_dist.bench.measure import LOADERS
 from pix2pix_dist.bench.point import PointSpec, point_config, run_point, timed_rows
-from pix2pix_dist.bench.report import summarize
+from pix2pix_dist.bench.report import summarize, write_results
 from pix2pix_dist.bench.settings import BenchSettings, resolve
 from pix2pix_dist.bench.synthetic import ensure_synthetic_shards, make_synthetic_jpegs
 from pix2pix_dist.cli import parse
@@ -206,6 +206,24 @@ def test_speed_ups_and_verdicts_from_hand_made_numbers():
     assert slow["ours_over_reference_batch_16"]["verdict"] == "FAIL"
     cpu = _hand_results(ref=1.0, same=2.0, best=9000.0, device="cpu")["targets"]
     assert cpu["end_to_end_images_per_s"]["verdict"] is None  # judged only where defined
+
+
+@pytest.mark.parametrize("device_type,device_name,ignored", [
+    ("cpu", "Intel(R) Xeon(R) Platinum 8480+", True), ("cuda", "NVIDIA H100 80GB HBM3", False)])
+def test_cpu_results_are_git_ignored_gpu_results_are_not(tmp_path, device_type, device_name,
+                                                         ignored):
+    results = {"date": "2026-01-02T03:04:05Z", "command": "python -m pix2pix_dist.bench",
+               "environment": {"device_type": device_type, "device_name": device_name,
+                               "cpu_model": "x", "cpu_cores": 2, "versions": {}},
+               "settings": {"train_batch_size": 16, "crop": 256, "num_downs": 8, "ngf": 64,
+                            "ndf": 64, "batch_size": 8, "workers": 2}}
+    summarize(results)
+    paths = write_results(results, tmp_path)
+    assert paths[0].name.startswith("20260102T030405Z-" + ("cpu-" if ignored else "nvidia-h100"))
+    for path in paths:
+        check = subprocess.run(["git", "check-ignore", "--no-index", "-q",
+                                f"benchmarks/results/{path.name}"], cwd=REPO)
+        assert check.returncode == (0 if ignored else 1), path.name
 
 
 @pytest.mark.slow  # the end-to-end benchmark run (point processes)

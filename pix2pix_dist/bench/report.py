@@ -211,10 +211,12 @@ def format_report(results: dict[str, Any]) -> str:
 
 
 def write_results(results: dict[str, Any], output: Path) -> tuple[Path, Path]:
-    """<output>/<UTC date and time>-<device>.json and .md, each written atomically."""
+    """<output>/<UTC date and time>-<device>.json and .md, each written atomically; a CPU run's
+    device part is `cpu-<cpu model>` (.gitignore keeps those out of benchmarks/results/)."""
     output.mkdir(parents=True, exist_ok=True)
     stamp = results["date"].replace(":", "").replace("-", "")
-    stem = f"{stamp}-{slug(results['environment']['device_name'])}"
+    env = results["environment"]
+    stem = f"{stamp}-{'cpu-' if env['device_type'] == 'cpu' else ''}{slug(env['device_name'])}"
     json_path, md_path = output / f"{stem}.json", output / f"{stem}.md"
     atomic_write(json_path, json.dumps(results, indent=2) + "\n")
     atomic_write(md_path, format_report(results))
