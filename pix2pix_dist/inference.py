@@ -23,11 +23,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
 from .data.lab import lab_to_rgb, uint8_to_lab
-from .data.torch_pipeline import Augment
+from .data.torch_pipeline import Augment, resize
 from .export import InferenceSettings, NormMode
 from .models import UNetGenerator
 
@@ -105,9 +104,7 @@ def model_shape(height: int, width: int, settings: InferenceSettings, multiple: 
 def model_input(rgb: Tensor, settings: InferenceSettings, multiple: int) -> tuple[Tensor, int, int]:
     """uint8 (3,H,W) -> (normalised L (1,1,ph,pw) reflect-padded, h, w before padding)."""
     h, w, ph, pw = model_shape(rgb.shape[-2], rgb.shape[-1], settings, multiple)
-    # The same resize as validation (training_view), without its centre crop.
-    small = training_view(rgb, settings) if settings.resize == "square" else TF.resize(
-        rgb, [settings.crop_size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    small = resize(rgb, settings.crop_size, settings.resize)  # validation's, without its crop
     L, _ = uint8_to_lab(small[None])
     # The padding is shorter than the image side (it is < multiple <= crop size <= h, w).
     return F.pad(L, (0, pw - w, 0, ph - h), mode="reflect"), h, w

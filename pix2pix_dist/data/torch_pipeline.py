@@ -40,13 +40,10 @@ from .shards_index import ShardSet
 
 @dataclass(frozen=True)
 class Augment:
-    """pix2pix augmentation for one sample, on CPU or CUDA uint8 (3,H,W) tensors.
-
-    Geometry (`resize`, the same in dali_pipeline.py): `shorter_side` resizes the shorter side
-    to load_size for training, to crop_size for validation, then crops a square; `square`
-    squashes the whole image to load_size x load_size (validation: crop_size x crop_size).
-    Both resize bicubic, antialiased (PIL's BICUBIC), as the pix2pix reference's and the
-    tutorial's transforms do."""
+    """pix2pix augmentation for one sample, on CPU or CUDA uint8 (3,H,W) tensors, with the same
+    geometry as dali_pipeline.py: training resizes (`resize` below) to load_size and takes a
+    random S x S crop (or a random-resized crop), then flips; validation resizes to S and takes
+    the centre S x S (all of a `square` image)."""
 
     crop_size: int
     load_size: int
@@ -59,29 +56,18 @@ class Augment:
     def __call__(self, img: torch.Tensor, rng: random.Random) -> torch.Tensor:
         size = self.crop_size
         if not self.train:  # the whole image (square) or its centre, at S x S
-            if self.resize == "square":
-                return self._squash(img, size).contiguous()
-            return TF.center_crop(TF.resize(img, [size], interpolation=TF.InterpolationMode.BICUBIC,
-                                            antialias=True), [size, size])
+            return TF.center_crop(resize(img, size, self.resize), [size, size]).contiguous()
         if self.random_resized_crop:
             top, left, h, w = self._rrc_window(img.shape[-2], img.shape[-1], rng)
             img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
         else:
-            if self.resize == "square":
-                img = self._squash(img, self.load_size)
-            else:
-                img = TF.resize(img, [self.load_size], interpolation=TF.InterpolationMode.BICUBIC,
-                                antialias=True)
+            img = resize(img, self.load_size, self.resize)
             top = rng.randint(0, img.shape[-2] - size)
             left = rng.randint(0, img.shape[-1] - size)
             img = TF.crop(img, top, left, size, size)
         if self.flip and rng.random() < 0.5:
             img = TF.horizontal_flip(img)
         return img.contiguous()
-
-    @staticmethod
-    def _squash(img: torch.Tensor, side: int) -> torch.Tensor:
-        return TF.resize(img, [side, side], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
 
     def _rrc_window(self, height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
         # torchvision's RandomResizedCrop.get_params with our generator (and DALI's defaults).
@@ -94,6 +80,13 @@ class Augment:
                 return rng.randint(0, height - h), rng.randint(0, width - w), h, w
         side = min(height, width)
         return (height - side) // 2, (width - side) // 2, side, side
+
+
+def resize(img: torch.Tensor, side: int, mode: str) -> torch.Tensor:
+    """`shorter_side`: the shorter side to `side`, aspect ratio kept; `square`: the whole image to
+    side x side. Bicubic, antialiased (PIL's BICUBIC), as pix2pix's and the tutorial's resize."""
+    size = [side, side] if mode == "square" else [side]
+    return TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
 
 
 def decode(data: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
