@@ -8,6 +8,6 @@ DALI (GPU decode) where installed, else the torch fallback; Lab via Kornia on th
 
 from .errors import DataError
 from .lab import lab_to_rgb, rgb_to_lab
-from .loader import Loader, build_loader
+from .loader import build_loader
 
-__all__ = ["DataError", "Loader", "build_loader", "lab_to_rgb", "rgb_to_lab"]
+__all__ = ["DataError", "build_loader", "lab_to_rgb", "rgb_to_lab"]

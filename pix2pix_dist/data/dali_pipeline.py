@@ -81,12 +81,8 @@ def build_pipeline(shards: ShardSet, cfg: DataConfig, *, train: bool, rank: int,
             images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
             side = cfg.load_size if train else size
             # Bicubic, as pix2pix's and the tutorial's PIL resizes; square: the tutorial's squash.
-            if cfg.resize == "square":
-                images = fn.resize(images, size=[side, side], interp_type=types.INTERP_CUBIC,
-                                   antialias=True)
-            else:
-                images = fn.resize(images, resize_shorter=side, interp_type=types.INTERP_CUBIC,
-                                   antialias=True)
+            shape = dict(size=[side, side]) if cfg.resize == "square" else dict(resize_shorter=side)
+            images = fn.resize(images, interp_type=types.INTERP_CUBIC, antialias=True, **shape)
             crop = dict(crop=(size, size))
             if train:
                 crop.update(crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),

@@ -62,24 +62,19 @@ class Loader:
 
 def _pick_backend(requested: str, announce: bool) -> str:
     """The backend to use; with `announce`, say so when "auto" falls back to torch."""
-    has_dali = _can_import_dali()
-    if requested == "dali" and not has_dali:
-        raise DataError("data.backend=dali but NVIDIA DALI is not installed; "
-                        "pip install nvidia-dali-cuda130 (or -cuda120), or set data.backend=torch")
-    if requested == "auto" and not has_dali:
+    if requested == "torch":
+        return "torch"
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        if requested == "dali":
+            raise DataError("data.backend=dali but NVIDIA DALI is not installed; pip install "
+                            "nvidia-dali-cuda130 (or -cuda120), or set data.backend=torch") from None
         if announce:
             print("note: NVIDIA DALI is not installed; using the torch input pipeline "
                   "(webdataset + DataLoader), which is slower", flush=True)
         return "torch"
-    return "torch" if requested == "torch" else "dali"
-
-
-def _can_import_dali() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return "dali"
 
 
 def build_loader(cfg: DataConfig, split: str, *, rank: int, world_size: int,
