@@ -3,7 +3,11 @@ reference step and ours, end to end from shards through the real training loop).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import itertools
+import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +18,6 @@ from .errors import BenchError
 from .flops import peak_bf16_tflops, step_flops_per_image
 from .point import PointSpec, point_config, run_point
 from .settings import BenchSettings
-from .timing import Timing, time_iterations
 from .tutorial_loader import tutorial_batches
 
 if TYPE_CHECKING:
@@ -39,20 +42,44 @@ def train_shards(shards: Path) -> ShardSet:
 # Input pipelines
 
 def _endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    epoch = 0
-    while True:
+    for epoch in itertools.count():
         loader.set_epoch(epoch)
         yield from loader
-        epoch += 1
 
 
-def _measure_stream(stream: Iterator[tuple[torch.Tensor, torch.Tensor]], s: BenchSettings,
-                    device: torch.device, quantum: int) -> Timing:
-    def step() -> int:
-        L, ab = next(stream)
-        return int(L.shape[0])
-    return time_iterations(step, device=device, seconds=s.seconds, warmup=s.warmup,
-                           max_iters=s.max_iters, quantum=quantum)
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_batches(stream: Iterator[tuple[torch.Tensor, torch.Tensor]], s: BenchSettings,
+                  device: torch.device, quantum: int) -> dict[str, float]:
+    """Draw (L, ab) batches for `s.seconds` (at most `s.max_iters`) after `s.warmup` untimed ones.
+
+    The first batch (start-up) is timed apart and counts as warm-up. The device is synchronized
+    only before reading the clock, so queued GPU work is counted without stalling the pipeline
+    every batch. `quantum` rounds the warm-up and timed counts to whole rounds of a round-robin
+    DataLoader (one batch per worker): its workers finish their batches in bursts, and a window
+    that cut a burst in half would be off by up to one burst."""
+    start = time.perf_counter()
+    next(stream)
+    _synchronize(device)
+    first_s = time.perf_counter() - start
+    for _ in range(math.ceil(max(1, s.warmup) / quantum) * quantum - 1):
+        next(stream)
+    _synchronize(device)
+    images = batches = 0
+    start = time.perf_counter()
+    while True:
+        images += len(next(stream)[0])
+        batches += 1
+        if batches % quantum == 0 and (batches >= (s.max_iters or math.inf)
+                                       or time.perf_counter() - start >= s.seconds):
+            break
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": images / seconds, "batches": batches, "images": images,
+            "seconds": seconds, "first_batch_s": first_s}
 
 
 def measure_input_pipelines(s: BenchSettings, shards: Path, device: torch.device) -> dict[str, Any]:
@@ -86,10 +113,7 @@ def measure_input_pipelines(s: BenchSettings, shards: Path, device: torch.device
                 # DALI threads and the torch fallback's per-sample worker stream deliver batches
                 # smoothly; only the tutorial's per-batch workers arrive in bursts.
                 quantum = 1
-            timing = _measure_stream(stream, s, device, quantum)
-            entry.update(images_per_s=timing.per_second, batches=timing.iterations,
-                         images=timing.items, seconds=timing.seconds,
-                         first_batch_s=timing.first_s)
+            entry.update(_time_batches(stream, s, device, quantum))
         except BenchError:
             raise
         except Exception as exc:  # noqa: BLE001 -- e.g. DALI missing: report it, measure the rest
@@ -116,9 +140,8 @@ def measure_training(s: BenchSettings, shards: Path, device: torch.device,
 
     base = PointSpec(kind="ours", batch=s.train_batch_size, shards=str(shards), crop=s.crop,
                      load_size=s.load_size, num_downs=s.num_downs, ngf=s.ngf, ndf=s.ndf,
-                     workers=s.workers,
-                     warmup=s.warmup, steps=s.steps,
-                     log_every=s.log_every, compile=s.compile, seed=s.seed, run_dir="")
+                     workers=s.workers, warmup=s.warmup, steps=s.steps, log_every=s.log_every,
+                     compile=s.compile, seed=s.seed, run_dir="")
     print("counting FLOPs of one training step ...", flush=True)
     flops = step_flops_per_image(point_config(base, device.type),
                                  Accelerator(cpu=device.type != "cuda"), s.crop)
@@ -126,8 +149,8 @@ def measure_training(s: BenchSettings, shards: Path, device: torch.device,
     if device.type == "cuda":
         torch.cuda.empty_cache()
     peak = peak_bf16_tflops(device_name) if device.type == "cuda" else None
-    specs = [PointSpec(**{**vars(base), "kind": "reference"})]
-    specs += [PointSpec(**{**vars(base), "batch": b}) for b in s.sweep()]
+    specs = [dataclasses.replace(base, kind="reference")]
+    specs += [dataclasses.replace(base, batch=b) for b in s.sweep()]
     points = []
     for spec in specs:
         print(f"measuring training: {spec.kind}, batch {spec.batch} ...", flush=True)
