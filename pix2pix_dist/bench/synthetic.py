@@ -35,40 +35,38 @@ def source_photos() -> list[tuple[str, np.ndarray]]:
     return [(name, np.ascontiguousarray(img[..., :3])) for name, img in photos]
 
 
-def _synthetic_jpeg(photo: np.ndarray, rng: np.random.Generator, size: tuple[int, int],
-                    quality: int) -> bytes:
-    """A random 4:3 window of `photo` (40-100% of the largest one) resized to `size`, flipped at
-    random, with a mild per-channel gain, encoded: real photo content, so JPEG decode
+def _synthetic_jpeg(photo: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A random 4:3 window of `photo` (40-100% of the largest one) resized to SYNTH_SIZE, flipped
+    at random, with a mild per-channel gain, encoded: real photo content, so JPEG decode
     costs what it costs on COCO, and every image differs."""
     from PIL import Image
 
     h, w = photo.shape[:2]
-    aspect = size[0] / size[1]
+    aspect = SYNTH_SIZE[0] / SYNTH_SIZE[1]
     max_w = min(w, h * aspect)
     win_w = max_w * rng.uniform(0.4, 1.0)
     win_h = win_w / aspect
     x0, y0 = rng.uniform(0, w - win_w), rng.uniform(0, h - win_h)
-    im = Image.fromarray(photo).resize(size, Image.Resampling.BICUBIC,
+    im = Image.fromarray(photo).resize(SYNTH_SIZE, Image.Resampling.BICUBIC,
                                        box=(x0, y0, x0 + win_w, y0 + win_h))
     if rng.random() < 0.5:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     gain = rng.uniform(0.9, 1.1, size=3)
     img = np.clip(np.asarray(im, dtype=np.float32) * gain, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    Image.fromarray(img).save(buf, format="JPEG", quality=SYNTH_QUALITY)
     return buf.getvalue()
 
 
-def make_synthetic_jpegs(out_dir: Path, n: int, *, size: tuple[int, int] = SYNTH_SIZE,
-                         quality: int = SYNTH_QUALITY, seed: int = 0,
+def make_synthetic_jpegs(out_dir: Path, n: int, *, seed: int = 0,
                          workers: int | None = None) -> list[Path]:
-    """Write `n` distinct COCO-like JPEGs (`size`, `quality`) into `out_dir`; deterministic."""
+    """Write `n` distinct COCO-like JPEGs into `out_dir`; deterministic."""
     out_dir.mkdir(parents=True, exist_ok=True)
     photos = source_photos()
 
-    def one(i: int) -> bytes:
-        rng = np.random.default_rng([seed, i])
-        return _synthetic_jpeg(photos[i % len(photos)][1], rng, size, quality)
+    def one(i: int, *attempt: int) -> bytes:
+        rng = np.random.default_rng([seed, i, *attempt])
+        return _synthetic_jpeg(photos[i % len(photos)][1], rng)
 
     # PIL releases the GIL while resizing and encoding, so threads scale.
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
@@ -79,8 +77,7 @@ def make_synthetic_jpegs(out_dir: Path, n: int, *, size: tuple[int, int] = SYNTH
         attempt = 0
         while (digest := hashlib.sha256(blob).hexdigest()) in seen:  # astronomically rare
             attempt += 1
-            rng = np.random.default_rng([seed, i, attempt])
-            blob = _synthetic_jpeg(photos[i % len(photos)][1], rng, size, quality)
+            blob = one(i, attempt)
         seen.add(digest)
         path = out_dir / f"{photos[i % len(photos)][0]}-{i:06d}.jpg"
         path.write_bytes(blob)
