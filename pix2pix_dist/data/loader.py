@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -15,12 +15,9 @@ from .lab import uint8_to_lab
 from .sampling import batches_per_epoch
 from .shards_index import find_shards
 
-
-class _Batches(Protocol):
-    skipped: int
-
-    def batches(self, epoch: int, count: int, with_keys: bool = False
-                ) -> Iterator[tuple[Tensor, list[str] | None]]: ...
+if TYPE_CHECKING:
+    from .dali_pipeline import DaliBatches
+    from .torch_pipeline import TorchBatches
 
 
 class Loader:
@@ -28,7 +25,7 @@ class Loader:
     contiguous, on the device. len() is the same on every rank. Each iter() is one epoch; it
     uses the epoch given to set_epoch(), else the one after the previous iter()."""
 
-    def __init__(self, impl: _Batches, backend: str, num_batches: int) -> None:
+    def __init__(self, impl: TorchBatches | DaliBatches, backend: str, num_batches: int) -> None:
         self._impl, self.backend, self._num_batches = impl, backend, num_batches
         self._epoch = 0
 
@@ -68,8 +65,9 @@ def _pick_backend(requested: str, announce: bool) -> str:
         import nvidia.dali  # noqa: F401
     except ImportError:
         if requested == "dali":
-            raise DataError("data.backend=dali but NVIDIA DALI is not installed; pip install "
-                            "nvidia-dali-cuda130 (or -cuda120), or set data.backend=torch") from None
+            raise DataError("data.backend=dali but NVIDIA DALI is not installed; "
+                            "pip install nvidia-dali-cuda130 (or -cuda120), "
+                            "or set data.backend=torch") from None
         if announce:
             print("note: NVIDIA DALI is not installed; using the torch input pipeline "
                   "(webdataset + DataLoader), which is slower", flush=True)
