@@ -80,10 +80,10 @@ def timed_rows(rows: list[dict[str, Any]], spec: PointSpec) -> dict[str, Any]:
     timed = [r for r in rows if r["step"] > spec.warmup and "perf/images_per_s" in r]
     if not timed:
         raise ValueError(f"no timed log interval after step {spec.warmup}")
-    images = spec.log_every * spec.batch * len(timed)
-    seconds = sum(spec.log_every * spec.batch / r["perf/images_per_s"] for r in timed)
-    wait = sum(r["perf/data_wait_frac"] * spec.log_every * spec.batch / r["perf/images_per_s"]
-               for r in timed)
+    per_row = spec.log_every * spec.batch
+    images = per_row * len(timed)
+    seconds = sum(per_row / r["perf/images_per_s"] for r in timed)
+    wait = sum(r["perf/data_wait_frac"] * per_row / r["perf/images_per_s"] for r in timed)
     mem = [r["perf/gpu_mem_gib"] for r in timed if "perf/gpu_mem_gib" in r]
     return {"images_per_s": images / seconds, "seconds": seconds, "images": images,
             "timed_steps": spec.log_every * len(timed), "data_wait_frac": wait / seconds,

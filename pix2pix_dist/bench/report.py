@@ -64,7 +64,7 @@ def _driver_version() -> str | None:
 def environment(device: torch.device) -> dict[str, Any]:
     """Machine and library versions, so that numbers from different runs can be compared."""
     cuda = device.type == "cuda"
-    env: dict[str, Any] = {
+    return {
         "device_type": device.type,
         "device_name": torch.cuda.get_device_name(device) if cuda else cpu_model(),
         "cpu_model": cpu_model(),
@@ -74,17 +74,17 @@ def environment(device: torch.device) -> dict[str, Any]:
                            if cuda else None),
         "driver": _driver_version() if cuda else None,
         "platform": platform.platform(),
+        "versions": {
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": _version("torchvision"),
+            "cuda": torch.version.cuda,  # the CUDA torch was built for (also on a CPU-only machine)
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "dali": _dali_version(), "kornia": _version("kornia"),
+            "accelerate": _version("accelerate"), "webdataset": _version("webdataset"),
+            "scikit-image": _version("scikit-image"), "pillow": _version("pillow"),
+            "pix2pix_dist": __version__,
+        },
     }
-    env["versions"] = {
-        "python": platform.python_version(), "torch": torch.__version__,
-        "torchvision": _version("torchvision"),
-        "cuda": torch.version.cuda,  # the CUDA torch was built for (also on a CPU-only machine)
-        "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "dali": _dali_version(), "kornia": _version("kornia"), "accelerate": _version("accelerate"),
-        "webdataset": _version("webdataset"), "scikit-image": _version("scikit-image"),
-        "pillow": _version("pillow"), "pix2pix_dist": __version__,
-    }
-    return env
 
 
 def slug(text: str) -> str:
@@ -171,11 +171,11 @@ def format_report(results: dict[str, Any]) -> str:
             if "error" in p:
                 lines.append(f"| {name} | {p['batch']} | skipped: {p['error']} | | | | | | |")
                 continue
+            mfu = "-" if p["mfu"] is None else f"{100 * p['mfu']:.1f}%"
             lines.append(
                 f"| {name} | {p['batch']} | {_fmt(p['images_per_s'])} | "
                 f"{_fmt(p['step_images_per_s'])} | {100 * p['data_wait_frac']:.1f}% | "
-                f"{p['bottleneck']} | {_fmt(p['tflop_per_s'], '.3g')} | "
-                f"{_fmt(None if p['mfu'] is None else 100 * p['mfu'], '.1f')}{'%' if p['mfu'] is not None else ''} | "
+                f"{p['bottleneck']} | {_fmt(p['tflop_per_s'], '.3g')} | {mfu} | "
                 f"{_fmt(p['peak_gpu_mem_gib'], '.2f')} |")
         lines += ["", f"FLOPs per image, counted by FlopCounterMode on the real step: "
                       f"{gflop:.2f} GFLOP. MFU against the dense bf16 peak of "
