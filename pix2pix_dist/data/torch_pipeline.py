@@ -223,8 +223,7 @@ class TorchBatches:
 
     def __init__(self, shards: ShardSet, cfg: DataConfig, *, train: bool, rank: int,
                  world_size: int, device: torch.device, seed: int) -> None:
-        self.shards, self.cfg, self.train, self.rank = shards, cfg, train, rank
-        self.device, self.seed = device, seed
+        self.shards, self.cfg, self.rank, self.device, self.seed = shards, cfg, rank, device, seed
         self.start, self.stop = rank_range(shards.total, world_size, rank)
         self.augment = Augment(cfg.crop_size, cfg.load_size, train, cfg.flip,
                                cfg.random_resized_crop, cfg.rrc_min_scale, cfg.resize)
