@@ -17,6 +17,7 @@ epoch short, so batch counts stay equal across ranks.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import tarfile
@@ -154,18 +155,15 @@ class _RankSamples(IterableDataset):
     def __iter__(self) -> Iterator[tuple[str, str, str, torch.Tensor | str]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        n = self.stop - self.start
-        segments = _segments(self.shards, self.start + n * worker // workers,
-                             self.start + n * (worker + 1) // workers)
-        passes = 0
-        while True:
+        lo, hi = rank_range(self.stop - self.start, workers, worker)  # the rank's rule, again
+        segments = _segments(self.shards, self.start + lo, self.start + hi)
+        for passes in itertools.count():
             good = 0
             for item in self._one_pass(segments, derive_seed(self.seed, self.epoch, self.rank, worker, passes)):
                 good += item[0] == "ok"
                 yield item
             if good == 0:
                 return
-            passes += 1
 
     def _one_pass(self, segments: list[_Segment], seed: int) -> Iterator[tuple[str, str, str, torch.Tensor | str]]:
         train = self.augment.train
