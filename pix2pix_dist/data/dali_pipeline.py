@@ -114,10 +114,9 @@ class DaliBatches:
                  world_size: int, device: torch.device, seed: int, exact_epochs: bool = False) -> None:
         self.shards, self.cfg, self.train, self.exact_epochs = shards, cfg, train, exact_epochs
         self.rank, self.world_size, self.device, self.seed = rank, world_size, device, seed
+        self.device_id: int | None = None  # DALI's CPU-only mode
         if device.type == "cuda":
-            self.device_id: int | None = device.index if device.index is not None else torch.cuda.current_device()
-        else:
-            self.device_id = None
+            self.device_id = device.index if device.index is not None else torch.cuda.current_device()
         self._iter: DALIGenericIterator | None = None
         self._next_epoch: int | None = None
         self._with_keys = False
