@@ -33,10 +33,8 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 
 def peak_bf16_tflops(device_name: str) -> float | None:
     """The device's dense bf16 peak, or None ("unknown") when it is not in the table."""
-    for needle, peak in PEAK_BF16_TFLOPS:
-        if needle.lower() in device_name.lower():
-            return peak
-    return None
+    name = device_name.lower()
+    return next((peak for needle, peak in PEAK_BF16_TFLOPS if needle.lower() in name), None)
 
 
 def count_flops(fn, *args, **kwargs) -> int:
