@@ -61,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     json_path, md_path = write_results(results, Path(settings.output))
-    print()
-    print(format_report(results))
+    print("\n" + format_report(results))
     print(f"results: {json_path} and {md_path}")
     return 0

@@ -41,12 +41,6 @@ def train_shards(shards: Path) -> ShardSet:
 
 # Input pipelines
 
-def _endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for epoch in itertools.count():
-        loader.set_epoch(epoch)
-        yield from loader
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -109,7 +103,8 @@ def measure_input_pipelines(s: BenchSettings, shards: Path, device: torch.device
                                       seed=s.seed)
                 entry.update(backend=loader.backend, batches_per_epoch=len(loader),
                              pipeline=f"resize {s.load_size} + crop {s.crop} + flip + Lab")
-                stream = _endless(loader)
+                # Epochs 0, 1, 2, ...: each iter() of a Loader is its next epoch.
+                stream = itertools.chain.from_iterable(itertools.repeat(loader))
                 # DALI threads and the torch fallback's per-sample worker stream deliver batches
                 # smoothly; only the tutorial's per-batch workers arrive in bursts.
                 quantum = 1
