@@ -16,7 +16,6 @@ import errno
 import functools
 import json
 import math
-import os
 import signal
 import sys
 import tempfile
@@ -95,7 +94,7 @@ def make_accelerator(cfg: Config):
     precision = cfg.train.mixed_precision
     if precision != "no" and not torch.cuda.is_available():
         # fp16 is refused on CPU and bf16 autocast there is slower than fp32 on most CPUs.
-        if os.environ.get("RANK", "0") == "0":  # before the Accelerator exists: the launcher's rank
+        if rank_and_world()[0] == 0:  # before the Accelerator exists: the launcher's rank
             print(f"notice: no CUDA device; train.mixed_precision={precision} -> no")
         precision = "no"
     # cpu=True on a machine without CUDA: only then does Accelerate join the processes that
