@@ -3,23 +3,20 @@ file checksum that the shard writer and the checkpoints both record."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
 
 
 def fsync_dir(path: Path) -> None:
-    """Make a rename durable (the directory entry itself must reach the disk)."""
-    try:
+    """Make a rename durable (the directory entry itself must reach the disk); best effort."""
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:

@@ -19,7 +19,6 @@ import socket
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 
 LOCK_NAME = ".lock"
 
@@ -67,8 +66,7 @@ class FolderLock:
     def __enter__(self) -> "FolderLock":
         return self.acquire()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 

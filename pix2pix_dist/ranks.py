@@ -79,12 +79,9 @@ def agree(error: str | None, error_type: type[RankError]) -> None:
 
 def peer_failed(exc: BaseException) -> bool:
     """A collective failed because another process died (gloo reports a closed connection)."""
-    dist_errors = tuple(getattr(torch.distributed, name) for name in ("DistNetworkError",)
-                        if hasattr(torch.distributed, name))
-    text = str(exc)
-    return isinstance(exc, dist_errors) or (
+    return isinstance(exc, getattr(torch.distributed, "DistNetworkError", ())) or (
         isinstance(exc, RuntimeError)
-        and any(s in text for s in ("Connection closed by peer", "Connection reset by peer")))
+        and any(s in str(exc) for s in ("Connection closed by peer", "Connection reset by peer")))
 
 
 def report_error(message: str, *, job_wide: bool = False) -> None:
