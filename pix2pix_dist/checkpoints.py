@@ -100,9 +100,6 @@ def nonfinite_entries(named: dict[str, dict[str, Any]]) -> list[str]:
         elif isinstance(value, dict):
             for key, item in value.items():
                 walk(f"{prefix}.{key}", item)
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                walk(f"{prefix}.{i}", item)
 
     for name, state in named.items():
         walk(name, state)
@@ -208,17 +205,13 @@ class CheckpointManager:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         return int(state["step"]), int(state["nonfinite"])
 
-    def last_good(self) -> Path | None:
-        """The newest checkpoint on disk (only finite, complete ones are ever written)."""
-        existing = list_checkpoints(self.run_dir)
-        return existing[-1] if existing else None
-
     def advice(self) -> str:
-        last = self.last_good()
-        if last is None:
+        # Only finite, complete checkpoints are ever written: the newest is the last good one.
+        existing = list_checkpoints(self.run_dir)
+        if not existing:
             return "no checkpoint was saved; lower optim.lr and start again"
-        return (f"the last good checkpoint is {last}; lower optim.lr and run again to resume "
-                f"from it")
+        return (f"the last good checkpoint is {existing[-1]}; lower optim.lr and run again to "
+                f"resume from it")
 
     def check_finite(self, step: int) -> None:
         """Collective: stop (CheckpointError on every rank) when a weight, an optimizer moment
@@ -315,18 +308,16 @@ class CheckpointManager:
     def _choose(self, resume: str) -> Path | None:
         """Rank 0 picks (ranks that looked on their own could see different listings: network
         file systems lag) and sends its choice, or its error, to every rank."""
-        choice: list[Any] = [None, None]
+        picked, error = None, None
         if self.main:
             try:
                 picked = self._pick(resume)
-                choice[0] = str(picked) if picked else None
             except CheckpointError as exc:
-                choice[1] = str(exc)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast_object_list(choice, src=0)
-        if choice[1] is not None:
-            raise CheckpointError(choice[1], all_ranks=True)
-        return Path(choice[0]) if choice[0] else None
+                error = str(exc)
+        picked, error = all_gather((picked, error))[0]
+        if error is not None:
+            raise CheckpointError(error, all_ranks=True)
+        return picked
 
     def _pick(self, resume: str) -> Path | None:
         existing = list_checkpoints(self.run_dir)
