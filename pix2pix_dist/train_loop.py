@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import itertools
 import json
 import math
 import signal
@@ -24,9 +25,11 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .atomic import atomic_write
 from .checkpoints import CheckpointManager, checkpoint_root
@@ -48,11 +51,6 @@ from .tracking import RunTracker, check_tracker, tracker_for
 class TrainResult:
     step: int
     """Iterations done when the run ended."""
-    stopped_by_signal: bool
-    """True when SIGTERM/SIGINT ended the run early (after saving a checkpoint)."""
-    nonfinite_steps: int
-    """Iterations whose update was skipped because a loss was not finite."""
-    run_dir: Path
     generator: nn.Module
     """The trained generator (unwrapped, on the training device)."""
     discriminator: nn.Module
@@ -62,30 +60,28 @@ class TrainingError(RankError):
     """The run cannot go on (e.g. too many non-finite losses); reported as one line."""
 
 
-class StopFlag:
-    """Turns SIGTERM, SIGINT and the parent-death signal into a flag checked between steps, so
-    the run saves and stops at the next step boundary. Only a second Ctrl-C stops at once:
-    SIGTERM often arrives twice (SLURM signals every process of the step, and the launcher
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """Collects SIGTERM, SIGINT and the parent-death signal in the yielded list, checked between
+    steps, so the run saves and stops at the next step boundary. Only a second Ctrl-C stops at
+    once: SIGTERM often arrives twice (SLURM signals every process of the step, and the launcher
     passes its own SIGTERM on), and the parent-death signal once per launcher thread."""
+    received: list[int] = []
+    previous: dict[int, Any] = {}
 
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGINT, PARENT_DIED):
-            if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. SIGHUP under nohup
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.signal = signum
+    def handle(signum: int, frame: object) -> None:
+        received.append(signum)
         if signum == signal.SIGINT:
-            signal.signal(signum, self._previous[signum])  # type: ignore[arg-type]
+            signal.signal(signum, previous[signum])
 
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+    for sig in (signal.SIGTERM, signal.SIGINT, PARENT_DIED):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. SIGHUP under nohup
+            previous[sig] = signal.signal(sig, handle)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def make_accelerator(cfg: Config):
@@ -117,9 +113,7 @@ def batch_stream(loader, start_step: int) -> Iterator[tuple[torch.Tensor, torch.
     epoch, skip = divmod(start_step, len(loader))
     while True:
         loader.set_epoch(epoch)
-        for i, batch in enumerate(loader):
-            if i >= skip:
-                yield batch
+        yield from itertools.islice(loader, skip, None)
         skip, epoch = 0, epoch + 1
 
 
@@ -161,11 +155,6 @@ def claim_run_dir(run_dir: Path, accelerator) -> Iterator[None]:
         lock.release()
 
 
-def write_status(run_dir: Path, state: str, step: int) -> None:
-    """`status.json`: whether the run finished or was stopped (and must be resumed)."""
-    atomic_write(run_dir / "status.json", json.dumps({"state": state, "step": step}) + "\n")
-
-
 def train(cfg: Config) -> TrainResult:
     check_tracker(cfg.log.tracker)
     die_with_parent()  # a SIGKILLed launcher must not leave this rank training on its own
@@ -181,11 +170,9 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
     run_dir = Path(cfg.run_dir)
     say = accelerator.print
 
+    torch.backends.cudnn.benchmark = not cfg.train.deterministic
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
     from accelerate.utils import set_seed
     set_seed(cfg.train.seed)  # identical initial weights on every rank
 
@@ -207,7 +194,7 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
     if start_step >= recipe.steps:
         say(f"already trained {start_step} of {recipe.steps} steps in {run_dir}; nothing to "
             f"do (raise train.epochs or train.steps to go on)")
-        return TrainResult(start_step, False, nonfinite, run_dir, G_raw, D_raw)
+        return TrainResult(start_step, G_raw, D_raw)
     if main_process:
         cfg.save(run_dir / "config.json")
     tracker = RunTracker(accelerator, cfg, run_dir, resume_step=start_step, recipe=recipe)
@@ -231,10 +218,12 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
     # --- the loop ---------------------------------------------------------------------------
     data = batch_stream(loader, start_step)
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    progress = _progress_bar(main_process, start_step, recipe.steps)
+    # A bar on a terminal; elsewhere (logs, CI) the periodic status line is enough.
+    progress = tqdm(total=recipe.steps, initial=start_step, unit="step", dynamic_ncols=True,
+                    disable=not (main_process and sys.stderr.isatty()))
     tick_start, data_wait, tick_steps = time.perf_counter(), 0.0, 0
     step, stopped = start_step, False
-    with StopFlag() as stop:
+    with stop_signals() as received:
         while step < recipe.steps:
             lr = recipe.lr * recipe.lr_factor(step)
             for opt in (nets.opt_G, nets.opt_D):
@@ -247,7 +236,7 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
             # The host reads the step's flags only at some steps (docs/design.md, "The training
             # step on the GPU"); in between, skipped steps are counted on the device.
             read = _reads_flags(step + 1, recipe.steps, cfg)
-            result = step_fn(L, ab, stop=(stop.signal is not None) if read else None)
+            result = step_fn(L, ab, stop=bool(received) if read else None)
 
             step += 1
             tick_steps += 1
@@ -265,8 +254,7 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
                         f"{cfg.train.max_nonfinite}); stopping. Try train.mixed_precision=bf16 or "
                         f"a lower optim.lr: {ckpt.advice()}", all_ranks=True)
 
-            if progress is not None:
-                progress.update(1)
+            progress.update(1)
             if step % cfg.log.every == 0 or step == recipe.steps or result.stop:
                 scalars = _mean_losses(accelerator, sums)  # waits for the device: time after it
                 elapsed = time.perf_counter() - tick_start
@@ -293,17 +281,17 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
                 ckpt.save(step, nonfinite)
 
         path = ckpt.save(step, nonfinite)
-    if progress is not None:
-        progress.close()
+    progress.close()
     tracker.close()
-    if main_process:  # for wrappers (e.g. launch/slurm.sbatch): requeue a stopped run
-        write_status(run_dir, "stopped" if stopped else "finished", step)
+    if main_process:  # whether the run must be resumed, for wrappers (e.g. launch/slurm.sbatch)
+        atomic_write(run_dir / "status.json", json.dumps(
+            {"state": "stopped" if stopped else "finished", "step": step}) + "\n")
     if stopped:
         say(f"stopped by signal at step {step}; checkpoint {path}. "
             f"Run the same command again to resume (ckpt.resume=auto).")
     else:
         say(f"done: {step} steps; checkpoint {path}; generator {run_dir / 'generator.safetensors'}")
-    return TrainResult(step, stopped, nonfinite, run_dir, G_raw, D_raw)
+    return TrainResult(step, G_raw, D_raw)
 
 
 def _mean_losses(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -330,22 +318,14 @@ def _reads_flags(step: int, last: int, cfg: Config) -> bool:
         step % every == 0 for every in (cfg.train.sync_every, cfg.log.every, cfg.ckpt.every))
 
 
-def _progress_bar(enabled: bool, start: int, total: int):
-    """A tqdm bar on a terminal; elsewhere (logs, CI) the periodic status line is enough."""
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-
 def _show(progress, say, step: int, total: int, scalars: dict[str, float]) -> None:
     brief = (f"D {scalars.get('loss/D_real', math.nan) + scalars.get('loss/D_fake', math.nan):.3f} "
              f"G {scalars.get('loss/G_GAN', math.nan):.3f} L1 {scalars.get('loss/G_L1', math.nan):.4f} "
              f"{scalars['perf/images_per_s']:.1f} img/s data {100 * scalars['perf/data_wait_frac']:.0f}%")
-    if progress is not None:
-        progress.set_postfix_str(brief, refresh=False)
-    else:
+    if progress.disable:
         say(f"step {step}/{total}  {brief}")
+    else:
+        progress.set_postfix_str(brief, refresh=False)
 
 
 # Files and folders can fail in these ways whatever the code does (a full disk, a read-only
