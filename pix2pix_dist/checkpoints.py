@@ -17,22 +17,23 @@ Design notes (resume semantics, integrity, fallback): docs/design.md, "Checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
 import random
 import shutil
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .atomic import atomic_write, file_sha256, fsync_dir
-from .export import EXPORT_NAME, export_generator
+from .export import EXPORT_NAME, export_generator, generator_meta
 from .ranks import RankError, agree, all_gather
 
 if TYPE_CHECKING:
+    from .config import Config
     from .gan_step import Networks
     from .recipe import Recipe
 
@@ -169,17 +170,10 @@ class CheckpointManager:
     `save`/`resume` at the same point. Rank 0 writes the shared files and chooses what to
     resume from; every rank writes its RNG state and loads the chosen checkpoint."""
 
-    def __init__(self, run_dir: Path, nets: "Networks", accelerator, *, model: dict[str, Any],
-                 recipe: "Recipe", generator_meta: Callable[[int], dict[str, Any]],
-                 keep: int) -> None:
-        self.run_dir = Path(run_dir)
-        self.nets = nets
-        self.accelerator = accelerator
-        self.model = model
-        self.recipe = recipe
-        self.generator_meta = generator_meta
-        """The generator export's metadata at a step."""
-        self.keep = keep
+    def __init__(self, cfg: "Config", recipe: "Recipe", nets: "Networks", accelerator) -> None:
+        self.cfg, self.recipe, self.nets, self.accelerator = cfg, recipe, nets, accelerator
+        self.run_dir = Path(cfg.run_dir)
+        self.model = dataclasses.asdict(cfg.model)
         self.rank = accelerator.process_index
         self.main = accelerator.is_main_process
         self.resumed_from: Path | None = None
@@ -248,7 +242,7 @@ class CheckpointManager:
             files[f"rng-rank{self.rank}.pt"] = _save_file(rng_state(), tmp / f"rng-rank{self.rank}.pt")
             if self.main:
                 files["state.pt"] = _save_file(self._state(step, nonfinite), tmp / "state.pt")
-                export_generator(self.nets.G_raw, tmp / EXPORT_NAME, self.generator_meta(step))
+                export_generator(self.nets.G_raw, tmp / EXPORT_NAME, generator_meta(self.cfg, step))
                 files[EXPORT_NAME] = _file_entry(tmp / EXPORT_NAME)
         except OSError as exc:
             error = _write_error(final, exc)
@@ -264,8 +258,8 @@ class CheckpointManager:
                 tmp.rename(final)
                 fsync_dir(root)
                 export_generator(self.nets.G_raw, self.run_dir / EXPORT_NAME,
-                                 self.generator_meta(step))
-                for old in list_checkpoints(self.run_dir)[:-self.keep]:
+                                 generator_meta(self.cfg, step))
+                for old in list_checkpoints(self.run_dir)[:-self.cfg.ckpt.keep]:
                     shutil.rmtree(old, ignore_errors=True)
             except OSError as exc:
                 error = _write_error(final, exc)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import functools
 import itertools
 import json
 import math
@@ -186,9 +185,7 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
     nets = build_networks(cfg, accelerator)
     G_raw, D_raw = nets.G_raw, nets.D_raw
     step_fn = GanStep(accelerator, nets, cfg.optim, d_concat=cfg.train.d_concat)
-    ckpt = CheckpointManager(run_dir, nets, accelerator, model=dataclasses.asdict(cfg.model),
-                             recipe=recipe, generator_meta=functools.partial(generator_meta, cfg),
-                             keep=cfg.ckpt.keep)
+    ckpt = CheckpointManager(cfg, recipe, nets, accelerator)
     start_step, nonfinite = ckpt.resume(cfg.ckpt.resume, seed=cfg.train.seed)
 
     if start_step >= recipe.steps:
