@@ -39,24 +39,18 @@ class Networks:
     """channels_last on CUDA (when enabled), else contiguous."""
 
 
-def build_models(cfg: Config) -> tuple[UNetGenerator, PatchDiscriminator]:
-    m = cfg.model
-    generator = UNetGenerator(1, 2, num_downs=m.num_downs, ngf=m.ngf, norm=m.norm, dropout=m.dropout)
-    discriminator = PatchDiscriminator(3, ndf=m.ndf, n_layers=m.d_layers, norm=m.norm)
-    init_weights(generator)
-    init_weights(discriminator)
-    return generator, discriminator
-
-
 def build_networks(cfg: Config, accelerator,
                    memory_format: torch.memory_format | None = None) -> Networks:
     """Models (pix2pix init), Adam optimizers, compile and DDP via `accelerator.prepare`.
 
     `memory_format` overrides the rule "channels_last on CUDA when train.channels_last" (tests
     use it to check the layout on a CPU)."""
-    device, world = accelerator.device, accelerator.num_processes
-    G_raw, D_raw = build_models(cfg)
-    if cfg.model.norm == "syncbatch" and world > 1:
+    device, world, m = accelerator.device, accelerator.num_processes, cfg.model
+    G_raw = UNetGenerator(1, 2, num_downs=m.num_downs, ngf=m.ngf, norm=m.norm, dropout=m.dropout)
+    D_raw = PatchDiscriminator(3, ndf=m.ndf, n_layers=m.d_layers, norm=m.norm)
+    init_weights(G_raw)
+    init_weights(D_raw)
+    if m.norm == "syncbatch" and world > 1:
         if device.type != "cuda":
             raise ConfigError("model.norm=syncbatch needs GPUs (torch's SyncBatchNorm has no CPU "
                               "kernel); use model.norm=batch")

@@ -296,8 +296,6 @@ def _mean_losses(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]
 
     Every rank holds the same keys (a step's update is skipped on all ranks or none), so one
     all-reduce of the stacked sums is enough."""
-    if not sums:
-        return {}
     keys = sorted(sums)
     totals = torch.stack([sums[k] for k in keys])
     if accelerator.num_processes > 1:
