@@ -78,10 +78,8 @@ def build_networks(cfg: Config, accelerator,
 
 @dataclass
 class StepResult:
-    loss_D_real: torch.Tensor
-    loss_D_fake: torch.Tensor
-    loss_G_GAN: torch.Tensor
-    loss_G_L1: torch.Tensor
+    raw_losses: dict[str, torch.Tensor]
+    """The step's losses by their logged names (loss/D_real, ...), on the device."""
     ok: torch.Tensor
     """On the device (bool, 0-dim): both losses were finite on every rank, so both updates ran.
     When False, the update whose loss was not finite was skipped on every rank."""
@@ -94,9 +92,7 @@ class StepResult:
     def losses(self) -> dict[str, torch.Tensor]:
         """The step's losses, zero when the step was skipped (so they can be summed on the device
         and averaged over the good steps, whose count `ok` adds up)."""
-        values = {"loss/D_real": self.loss_D_real, "loss/D_fake": self.loss_D_fake,
-                  "loss/G_GAN": self.loss_G_GAN, "loss/G_L1": self.loss_G_L1}
-        return {k: torch.where(self.ok, v, torch.zeros_like(v)) for k, v in values.items()}
+        return {k: torch.where(self.ok, v, torch.zeros_like(v)) for k, v in self.raw_losses.items()}
 
 
 class GanStep:
@@ -148,8 +144,9 @@ class GanStep:
 
         ok = (d_bad + g_bad) == 0
         self._skipped += (~ok).long()
-        result = StepResult(loss_D_real.detach(), loss_D_fake.detach(), loss_G_GAN.detach(),
-                            loss_G_L1.detach(), ok, skipped=None)
+        losses = {"loss/D_real": loss_D_real, "loss/D_fake": loss_D_fake,
+                  "loss/G_GAN": loss_G_GAN, "loss/G_L1": loss_G_L1}
+        result = StepResult({k: v.detach() for k, v in losses.items()}, ok, skipped=None)
         if stop is not None:
             result.skipped, result.stop = self._read(stop)
         return result

@@ -201,15 +201,6 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
         f"run folder {run_dir}")
     say(recipe.describe())
 
-    def log_samples(step: int) -> None:
-        if not main_process:
-            return
-        # In the recipe's inference norm mode, on a copy (docs/design.md, "Evaluation and inference").
-        copy = inference_copy(G_raw, generator_meta(cfg, step)["model"])
-        fake = predict_ab(copy, sample_L, cfg.eval.norm_mode, range(len(sample_L)))
-        tracker.log_grid(step, lab_to_rgb(sample_L, torch.zeros_like(sample_ab)),
-                         lab_to_rgb(sample_L, fake), lab_to_rgb(sample_L, sample_ab))
-
     evaluator = TrainingEval(cfg, device) if main_process and cfg.eval.every else None
 
     # --- the loop ---------------------------------------------------------------------------
@@ -267,8 +258,13 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
                 _show(progress, say, step, recipe.steps, scalars)
                 sums.clear()
                 tick_start, data_wait, tick_steps = time.perf_counter(), 0.0, 0
-            if step % cfg.log.sample_every == 0 or step == recipe.steps:
-                log_samples(step)
+            if main_process and (step % cfg.log.sample_every == 0 or step == recipe.steps):
+                # In the recipe's inference norm mode, on a copy (docs/design.md, "Evaluation
+                # and inference").
+                copy = inference_copy(G_raw, generator_meta(cfg, step)["model"])
+                fake = predict_ab(copy, sample_L, cfg.eval.norm_mode, range(len(sample_L)))
+                tracker.log_grid(step, lab_to_rgb(sample_L, torch.zeros_like(sample_ab)),
+                                 lab_to_rgb(sample_L, fake), lab_to_rgb(sample_L, sample_ab))
             if evaluator is not None and (step % cfg.eval.every == 0 or step == recipe.steps):
                 tracker.log_scalars(step, evaluator(G_raw, step))
             if result.stop:
