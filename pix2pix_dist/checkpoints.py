@@ -18,6 +18,7 @@ Design notes (resume semantics, integrity, fallback): docs/design.md, "Checkpoin
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import pickle
@@ -121,34 +122,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class _WriteErrorKeeper:
+class _WriteErrorKeeper(io.BufferedWriter):
     """A file for torch.save that keeps the OSError of a failed write: torch turns it into a
     RuntimeError ("unexpected pos ...") that no longer says the disk is full."""
-
-    def __init__(self, f) -> None:
-        self.f, self.error = f, None
+    error: OSError | None = None
 
     def write(self, data) -> int:
         try:
-            return self.f.write(data)
+            return super().write(data)
         except OSError as exc:
             self.error = exc
             raise
 
-    def flush(self) -> None:
-        self.f.flush()
-
 
 def _save_file(obj: Any, path: Path) -> dict[str, Any]:
     """torch.save + fsync; the file's manifest entry."""
-    with open(path, "wb") as f:
-        keeper = _WriteErrorKeeper(f)
+    with _WriteErrorKeeper(io.FileIO(path, "w")) as f:
         try:
-            torch.save(obj, keeper)
+            torch.save(obj, f)
         except RuntimeError:
-            if keeper.error is None:
+            if f.error is None:
                 raise
-            raise keeper.error from None  # the RuntimeError only repeats it, less clearly
+            raise f.error from None  # the RuntimeError only repeats it, less clearly
         f.flush()
         os.fsync(f.fileno())
     return _file_entry(path)
