@@ -90,21 +90,16 @@ def verify_checkpoint(path: Path) -> None:
         raise CheckpointError(f"unreadable manifest or file ({type(exc).__name__}: {exc})") from exc
 
 
-def nonfinite_entries(named: dict[str, dict[str, Any]]) -> list[str]:
+def nonfinite_entries(named: dict[str, Any]) -> list[str]:
     """'G.down.0.weight'-style names of the tensors that hold NaN or inf, in state dicts that
     may nest (optimizer states)."""
     bad: list[str] = []
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                bad.append(prefix)
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}", item)
-
-    for name, state in named.items():
-        walk(name, state)
+    for name, value in named.items():
+        if isinstance(value, dict):
+            bad += nonfinite_entries({f"{name}.{key}": item for key, item in value.items()})
+        elif (isinstance(value, torch.Tensor) and value.is_floating_point()
+              and not bool(torch.isfinite(value).all())):
+            bad.append(name)
     return bad
 
 

@@ -5,6 +5,7 @@ Design notes: docs/design.md, "Failures, signals and locks".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -94,7 +95,5 @@ def report_error(message: str, *, job_wide: bool = False) -> None:
     print(line, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
-        try:
+        with contextlib.suppress(OSError):  # the line above is already on the terminal
             atomic_write(error_file, json.dumps({"message": line, "timestamp": int(time.time())}))
-        except OSError:
-            pass  # the line above is already on the terminal
