@@ -678,6 +678,22 @@ def test_half_written_result_never_hangs(how):
         pool.close(terminate=True)
 
 
+def test_a_map_stopped_early_does_not_leak_into_the_next():
+    """--limit with --val-source stops the train stream's map with jobs in flight, then maps the
+    val stream on the same pool: the val map got the train leftovers as its own results, or
+    nothing at all (every worker's window still full), so val was empty or held train images."""
+    from pix2pix_dist.shards.pool import WorkerPool
+
+    pool = WorkerPool(abs, workers=2)
+    try:
+        first = pool.map(range(-1, -100, -1))
+        assert [next(first) for _ in range(3)] == [1, 2, 3]
+        del first  # stopped early, as _run_stream does at its cap
+        assert list(pool.map(range(1000, 1020))) == list(range(1000, 1020))
+    finally:
+        pool.close(terminate=True)
+
+
 @pytest.mark.slow
 def test_limit_with_large_results_exits_after_success(tmp_path):
     """The reported reproduction: --limit stops the stream while multi-MB results are in flight."""

@@ -101,7 +101,14 @@ class WorkerPool:
 
     def map(self, jobs: Iterable[Any]) -> Iterator[Any]:
         """handler(job) for each job, in order. Raises WorkerDied when a worker ends; stop
-        iterating early at will (call close() afterwards)."""
+        iterating early at will (the next map, or close(), drops what this one left in flight)."""
+        for w in self.workers:  # an earlier map's leftovers: not results of these jobs
+            while w.pending:
+                try:
+                    w.results.recv()
+                except (EOFError, OSError):
+                    raise WorkerDied(w.pending[0][1]) from None
+                w.pending.popleft()
         it = iter(jobs)
         done: dict[int, Any] = {}
         sent = received = 0
