@@ -69,20 +69,30 @@ def find_inputs(paths: list[Path]) -> list[tuple[Path, Path]]:
 
     Folders are searched as the shard writer searches its sources: symbolic links to folders
     are followed (each folder once, so a link cycle ends), hidden names (imageio.is_hidden) are
-    skipped. A file given by name is taken as it is."""
+    skipped. A folder that is also reachable without a link keeps that name: a link to it
+    (`latest -> 2024`) is not followed, whatever order the folder is listed in. A file given by
+    name is taken as it is."""
+    def folder_id(folder: str | Path) -> tuple[int, int]:
+        st = os.stat(folder)
+        return st.st_dev, st.st_ino
+
     found: list[tuple[Path, Path]] = []
     for path in paths:
         if not path.is_dir():
             found.append((path, Path(path.name)))
             continue
+        real = set()  # the folders found under their own names, without following a link
+        for folder, dirs, _ in os.walk(path):
+            dirs[:] = [d for d in dirs if not is_hidden(d)]
+            real.add(folder_id(folder))
         below, seen = [], set()
         for folder, dirs, files in os.walk(path, followlinks=True):
-            st = os.stat(folder)
-            if (st.st_dev, st.st_ino) in seen:
+            if folder_id(folder) in seen:
                 dirs.clear()
                 continue
-            seen.add((st.st_dev, st.st_ino))
-            dirs[:] = [d for d in dirs if not is_hidden(d)]
+            seen.add(folder_id(folder))
+            dirs[:] = [d for d in dirs if not is_hidden(d) and not (
+                os.path.islink(link := os.path.join(folder, d)) and folder_id(link) in real)]
             below += [Path(folder, f) for f in files if not is_hidden(f) and has_image_ext(f)]
         found += [(p, p.relative_to(path)) for p in sorted(below)]
     return found

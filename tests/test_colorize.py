@@ -248,3 +248,16 @@ def test_folders_are_searched_as_the_shard_writer_searches_its_sources(tmp_path)
     assert found == ["a.jpg", "linked/e.jpg", "sub/d.PNG"]
     assert found == [c.relpath for c in open_source(src).candidates]
     assert find_inputs([src / ".hidden.jpg"]) == [(src / ".hidden.jpg", Path(".hidden.jpg"))]
+
+
+def test_a_folder_linked_inside_the_input_keeps_its_own_name(tmp_path):
+    """`latest -> 2024` inside the input: the images are found once, under 2024/ (the real
+    folder), not under the link's name, whatever order the folders are listed in."""
+    src = tmp_path / "in"
+    for i in range(8):  # each pair listed in the file system's order, link or folder first
+        (src / f"real{i}").mkdir(parents=True)
+        (src / f"real{i}" / "p.jpg").write_bytes(b"x")
+        (src / f"link{i}").symlink_to(src / f"real{i}")
+        (src / f"real{i}" / "up").symlink_to(src)  # a link back: a cycle
+    found = [str(relative) for _, relative in find_inputs([src])]
+    assert found == [f"real{i}/p.jpg" for i in range(8)]
