@@ -64,19 +64,21 @@ class ColorizeOptions:
     """Progress bar for more than a handful of files."""
 
 
-def find_inputs(paths: list[Path]) -> list[tuple[Path, Path]]:
+def find_inputs(paths: list[Path], output: Path | None = None) -> list[tuple[Path, Path]]:
     """(file, path relative to its input argument) for every candidate image, in order.
 
     Folders are searched as the shard writer searches its sources: symbolic links to folders
     are followed (each folder once, so a link cycle ends), hidden names (imageio.is_hidden) are
     skipped. A folder that is also reachable without a link keeps that name: a link to it
     (`latest -> 2024`) is not followed, whatever order the folder is listed in. A file given by
-    name is taken as it is."""
+    name is taken as it is. An `output` folder below an input folder is not searched: a rerun
+    of `colorize photos/ --output photos/colorized` must not colorize its own results again."""
     def folder_id(folder: str | Path) -> tuple[int, int]:
         st = os.stat(folder)
         return st.st_dev, st.st_ino
 
     found: list[tuple[Path, Path]] = []
+    results = folder_id(output) if output is not None and output.is_dir() else None
     for path in paths:
         if not path.is_dir():
             found.append((path, Path(path.name)))
@@ -91,8 +93,9 @@ def find_inputs(paths: list[Path]) -> list[tuple[Path, Path]]:
                 dirs.clear()
                 continue
             seen.add(folder_id(folder))
-            dirs[:] = [d for d in dirs if not is_hidden(d) and not (
-                os.path.islink(link := os.path.join(folder, d)) and folder_id(link) in real)]
+            dirs[:] = [d for d in dirs if not is_hidden(d)
+                       and folder_id(sub := os.path.join(folder, d)) != results
+                       and not (os.path.islink(sub) and folder_id(sub) in real)]
             below += [Path(folder, f) for f in files if not is_hidden(f) and has_image_ext(f)]
         found += [(p, p.relative_to(path)) for p in sorted(below)]
     return found
@@ -184,7 +187,7 @@ def run(opts: ColorizeOptions) -> int:
             or not 1 <= opts.quality <= 100:
         raise CliError("--max-pixels and --batch-size must be at least 1, --quality in 1..100")
     exported = load_export(opts.generator, device)
-    files = find_inputs(opts.inputs)
+    files = find_inputs(opts.inputs, opts.output)
     if not files:
         raise CliError(f"no images found in {', '.join(map(str, opts.inputs))}")
     opts.output.mkdir(parents=True, exist_ok=True)

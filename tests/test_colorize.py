@@ -261,3 +261,17 @@ def test_a_folder_linked_inside_the_input_keeps_its_own_name(tmp_path):
         (src / f"real{i}" / "up").symlink_to(src)  # a link back: a cycle
     found = [str(relative) for _, relative in find_inputs([src])]
     assert found == [f"real{i}/p.jpg" for i in range(8)]
+
+
+def test_an_output_folder_inside_the_input_is_not_searched(export, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo(photos / "a.png", 40, 60)
+    args = [str(photos), "--generator", str(export), "--output", str(photos / "colorized"),
+            "--no-progress"]
+    assert colorize_main(args) == 0
+    first = (photos / "colorized" / "a.png").read_bytes()
+    assert colorize_main(args) == 0  # the rerun does not colorize its own results again
+    assert sorted(str(p.relative_to(photos)) for p in photos.rglob("*")) == [
+        "a.png", "colorized", "colorized/a.png"]
+    assert (photos / "colorized" / "a.png").read_bytes() == first
