@@ -30,8 +30,7 @@ from PIL import Image
 from .atomic import atomic_write
 from .cli import CliError, parse
 from .export import ExportError, GeneratorExport, NormMode, load_export
-from .imageio import (DEFAULT_MAX_PIXELS, Skip, display_name, has_image_ext, is_hidden,
-                      load_rgb)
+from .imageio import DEFAULT_MAX_PIXELS, Skip, display_name, find_image_files, load_rgb
 from .inference import GeometryError, compose, image_seed, model_input, predict_ab
 
 PROGRESS_MIN_FILES = 6
@@ -64,41 +63,23 @@ class ColorizeOptions:
     """Progress bar for more than a handful of files."""
 
 
-def find_inputs(paths: list[Path], output: Path | None = None) -> list[tuple[Path, Path]]:
-    """(file, path relative to its input argument) for every candidate image, in order.
-
-    Folders are searched as the shard writer searches its sources: symbolic links to folders
-    are followed (each folder once, so a link cycle ends), hidden names (imageio.is_hidden) are
-    skipped. A folder that is also reachable without a link keeps that name: a link to it
-    (`latest -> 2024`) is not followed, whatever order the folder is listed in. A file given by
-    name is taken as it is. An `output` folder below an input folder is not searched: a rerun
-    of `colorize photos/ --output photos/colorized` must not colorize its own results again."""
-    def folder_id(folder: str | Path) -> tuple[int, int]:
-        st = os.stat(folder)
-        return st.st_dev, st.st_ino
-
+def find_inputs(paths: list[Path], output: Path | None = None
+                ) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(file, path relative to its input argument) for every candidate image, in order, and the
+    subfolders that could not be listed. Folders are searched by the shard writer's rule
+    (imageio.find_image_files); a file given by name is taken as it is. An `output` folder below
+    an input folder is not searched: a rerun of `colorize photos/ --output photos/colorized`
+    must not colorize its own results again."""
     found: list[tuple[Path, Path]] = []
-    results = folder_id(output) if output is not None and output.is_dir() else None
+    unreadable: list[str] = []
     for path in paths:
         if not path.is_dir():
             found.append((path, Path(path.name)))
             continue
-        real = set()  # the folders found under their own names, without following a link
-        for folder, dirs, _ in os.walk(path):
-            dirs[:] = [d for d in dirs if not is_hidden(d)]
-            real.add(folder_id(folder))
-        below, seen = [], set()
-        for folder, dirs, files in os.walk(path, followlinks=True):
-            if folder_id(folder) in seen:
-                dirs.clear()
-                continue
-            seen.add(folder_id(folder))
-            dirs[:] = [d for d in dirs if not is_hidden(d)
-                       and folder_id(sub := os.path.join(folder, d)) != results
-                       and not (os.path.islink(sub) and folder_id(sub) in real)]
-            below += [Path(folder, f) for f in files if not is_hidden(f) and has_image_ext(f)]
-        found += [(p, p.relative_to(path)) for p in sorted(below)]
-    return found
+        files, folders = find_image_files(path, exclude=output)
+        found += [(file, Path(relpath)) for relpath, file in files]
+        unreadable += [f"{path}/{folder}" for folder in folders]
+    return found, unreadable
 
 
 def _safe(part: str) -> str:
@@ -187,11 +168,15 @@ def run(opts: ColorizeOptions) -> int:
             or not 1 <= opts.quality <= 100:
         raise CliError("--max-pixels and --batch-size must be at least 1, --quality in 1..100")
     exported = load_export(opts.generator, device)
-    files = find_inputs(opts.inputs, opts.output)
+    files, unreadable = find_inputs(opts.inputs, opts.output)
+    for folder in unreadable:  # counted like an unreadable file, not silently dropped
+        print(f"skipped {display_name(folder)}: folder cannot be listed", file=sys.stderr)
     if not files:
         raise CliError(f"no images found in {', '.join(map(str, opts.inputs))}")
     opts.output.mkdir(parents=True, exist_ok=True)
     written, skipped = colorize_files(opts, exported, device, files)
+    if unreadable:
+        skipped["unreadable"] = skipped.get("unreadable", 0) + len(unreadable)
     counts = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
     print(f"colorized {written} image(s) into {opts.output}"
           + (f"; skipped {sum(skipped.values())} ({counts})" if counts else ""))

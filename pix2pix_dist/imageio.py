@@ -39,6 +39,65 @@ def has_image_ext(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def find_image_files(root: Path, exclude: Path | None = None
+                     ) -> tuple[list[tuple[str, Path]], list[str]]:
+    """Every file below `root` with an image extension, as (path relative to `root`,
+    '/'-separated; path), sorted by the relative path, and the subfolders that could not be
+    listed ('a/b/'). Raises OSError when `root` itself cannot be listed.
+
+    The one search rule of the shard writer and colorize: hidden names are skipped; symbolic
+    links to folders are followed (datasets are often linked in), each folder once, so a cycle
+    ends; a folder that can also be reached without a link keeps that name (`latest -> 2024` is
+    not followed); a folder below `root` that is `exclude` (colorize's --output) is not
+    searched. Entries are visited in name order, so which of two links to one outside folder is
+    followed never depends on the file system's listing order."""
+    def folder_id(path: str | Path) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    direct = {folder_id(root)}  # folders reachable without following a link
+    for folder, dirs, _ in os.walk(root):
+        dirs[:] = [d for d in dirs if not is_hidden(d)]
+        direct.update(folder_id(os.path.join(folder, d)) for d in dirs
+                      if not os.path.islink(os.path.join(folder, d)))
+    direct.discard(None)
+    excluded = folder_id(exclude) if exclude is not None else None
+    seen: set[tuple[int, int]] = set()
+    files: list[tuple[str, Path]] = []
+    unreadable: list[str] = []
+    stack = [(str(root), "")]
+    while stack:
+        folder, prefix = stack.pop()
+        fid = folder_id(folder)
+        if fid in seen or (prefix and fid is not None and fid == excluded):
+            continue
+        if fid is not None:
+            seen.add(fid)  # each folder once
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+        except OSError:
+            if not prefix:
+                raise
+            unreadable.append(prefix)
+            continue
+        for e in entries:  # reversed: the stack pops them in name order
+            if is_hidden(e.name):
+                continue
+            try:
+                is_dir = e.is_dir()  # follows a link; False for a dangling one
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not (e.is_symlink() and folder_id(e.path) in direct):
+                    stack.append((e.path, f"{prefix}{e.name}/"))
+            elif has_image_ext(e.name):
+                files.append((f"{prefix}{e.name}", Path(e.path)))
+    return sorted(files, key=lambda item: item[0]), sorted(unreadable)
+
+
 def display_name(relpath: str) -> str:
     """A file name as it can be printed and stored in JSON: bytes that are not UTF-8 as \\xNN,
     control characters (a newline in a name...) escaped, so one name stays on one line."""

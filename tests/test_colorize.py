@@ -18,6 +18,7 @@ from skimage.color import rgb2lab
 from conftest import run_python
 from pix2pix_dist.colorize import main as colorize_main
 from pix2pix_dist.colorize import find_inputs, output_name
+from pix2pix_dist.imageio import find_image_files
 from pix2pix_dist import inference
 from pix2pix_dist.export import InferenceSettings
 from pix2pix_dist.inference import GeometryError, compose, model_shape
@@ -244,10 +245,10 @@ def test_folders_are_searched_as_the_shard_writer_searches_its_sources(tmp_path)
     (outside / "e.jpg").write_bytes(b"x")
     (src / "linked").symlink_to(outside)  # followed, like a dataset symlinked in
     (src / "sub" / "loop").symlink_to(src)  # a cycle: each folder is read once
-    found = [str(relative) for _, relative in find_inputs([src])]
+    found = [str(relative) for _, relative in find_inputs([src])[0]]
     assert found == ["a.jpg", "linked/e.jpg", "sub/d.PNG"]
     assert found == [c.relpath for c in open_source(src).candidates]
-    assert find_inputs([src / ".hidden.jpg"]) == [(src / ".hidden.jpg", Path(".hidden.jpg"))]
+    assert find_inputs([src / ".hidden.jpg"]) == ([(src / ".hidden.jpg", Path(".hidden.jpg"))], [])
 
 
 def test_a_folder_linked_inside_the_input_keeps_its_own_name(tmp_path):
@@ -259,8 +260,41 @@ def test_a_folder_linked_inside_the_input_keeps_its_own_name(tmp_path):
         (src / f"real{i}" / "p.jpg").write_bytes(b"x")
         (src / f"link{i}").symlink_to(src / f"real{i}")
         (src / f"real{i}" / "up").symlink_to(src)  # a link back: a cycle
-    found = [str(relative) for _, relative in find_inputs([src])]
+    found = [str(relative) for _, relative in find_inputs([src])[0]]
     assert found == [f"real{i}/p.jpg" for i in range(8)]
+    assert found == [c.relpath for c in open_source(src).candidates]  # the shard writer agrees
+
+
+def test_two_links_to_one_outside_folder_give_the_first_name_in_order(tmp_path):
+    src, outside = tmp_path / "in", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "p.jpg").write_bytes(b"x")
+    src.mkdir()
+    for name in ("zeta", "beta", "alpha", "mid"):  # created out of order
+        (src / name).symlink_to(outside)
+    assert [rel for rel, _ in find_image_files(src)[0]] == ["alpha/p.jpg"]
+
+
+def _unlistable_folder(parent: Path) -> None:
+    """A folder whose path exceeds PATH_MAX: listing it fails (ENAMETOOLONG) even for root."""
+    fd = os.open(parent, os.O_RDONLY)
+    for _ in range(17):
+        os.mkdir("d" * 250, dir_fd=fd)
+        fd, above = os.open("d" * 250, os.O_RDONLY, dir_fd=fd), fd
+        os.close(above)
+    os.close(fd)
+
+
+def test_an_unlistable_folder_is_a_counted_skip(export, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo(photos / "a.png", 40, 60)
+    _unlistable_folder(photos)
+    assert colorize_main([str(photos), "--generator", str(export), "--output",
+                          str(tmp_path / "out"), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "folder cannot be listed" in err and len(err.strip().splitlines()) == 1
+    assert "colorized 1 image(s)" in out and "skipped 1 (1 unreadable)" in out
 
 
 def test_an_output_folder_inside_the_input_is_not_searched(export, tmp_path, capsys):

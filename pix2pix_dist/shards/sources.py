@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..imageio import IMAGE_EXTENSIONS, has_image_ext as _has_image_ext, is_hidden as _is_hidden
+from ..imageio import IMAGE_EXTENSIONS, find_image_files, has_image_ext, is_hidden
 from .errors import ShardError
 
 SAMPLE = "sample"
@@ -58,48 +58,23 @@ def sample_dir() -> Path:
 
 
 def _walk(root: Path) -> tuple[list[Candidate], list[str]]:
-    """(candidates, subfolders that could not be listed): a recursive listing that follows
-    directory symlinks (datasets are often symlinked in) without looping forever on a cycle."""
-    out: list[Candidate] = []
-    unreadable: list[str] = []
-    seen: set[tuple[int, int]] = set()
-    stack = [(root, "")]
-    while stack:
-        folder, prefix = stack.pop()
-        try:
-            st = os.stat(folder)
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            entries = list(os.scandir(folder))
-        except OSError:
-            if folder == root:
-                raise ShardError(f"cannot list source folder {root}") from None
-            unreadable.append(prefix)
-            continue
-        for e in entries:
-            if _is_hidden(e.name):
-                continue
-            rel = f"{prefix}{e.name}"
-            try:
-                if e.is_dir(follow_symlinks=True):
-                    stack.append((Path(e.path), rel + "/"))
-                    continue
-            except OSError:
-                pass
-            if not _has_image_ext(e.name):
-                continue
-            try:
-                info = e.stat(follow_symlinks=True)
-            except OSError:
-                # A dangling symlink or a file we may not stat: listed anyway (size unknown), so
-                # reading it fails and it is counted as `unreadable` instead of vanishing silently.
-                out.append(Candidate(rel, -1))
-                continue
-            # A FIFO or device named *.jpg is listed but never opened: reading could block.
-            out.append(Candidate(rel, info.st_size if stat.S_ISREG(info.st_mode) else NOT_REGULAR))
-    out.sort(key=lambda c: c.relpath)
-    return out, sorted(unreadable)
+    """(candidates, subfolders that could not be listed), by imageio's one search rule."""
+    try:
+        files, unreadable = find_image_files(root)
+    except OSError:
+        raise ShardError(f"cannot list source folder {root}") from None
+    return [Candidate(relpath, _listed_size(path)) for relpath, path in files], unreadable
+
+
+def _listed_size(path: Path) -> int:
+    try:
+        info = os.stat(path)
+    except OSError:
+        # A dangling symlink or a file we may not stat: listed anyway (size unknown), so reading
+        # it fails and it is counted as `unreadable` instead of vanishing silently.
+        return -1
+    # A FIFO or device named *.jpg is listed but never opened: reading could block.
+    return info.st_size if stat.S_ISREG(info.st_mode) else NOT_REGULAR
 
 
 def _list_zip(path: Path) -> list[Candidate]:
@@ -112,7 +87,7 @@ def _list_zip(path: Path) -> list[Candidate]:
     for info in infos:
         name = info.filename
         parts = name.replace("\\", "/").split("/")
-        if info.is_dir() or not _has_image_ext(name) or any(_is_hidden(p) for p in parts):
+        if info.is_dir() or not has_image_ext(name) or any(is_hidden(p) for p in parts):
             continue
         by_name[name] = Candidate(name, info.file_size)  # a repeated name: the last one wins, like zf.read
     return sorted(by_name.values(), key=lambda c: c.relpath)
