@@ -36,7 +36,7 @@ from .data import DataError
 from .data.lab import lab_to_rgb, uint8_to_lab
 from .data.sampling import rank_range
 from .data.shards_index import ShardSet, find_shards
-from .data.torch_pipeline import _read, _segments, decode
+from .data.torch_pipeline import decode, read_range
 from .export import (ExportError, InferenceSettings, NormMode, export_path, generator_meta,
                      load_export)
 from .imageio import display_name, first_line
@@ -110,7 +110,7 @@ class Evaluation:
 def read_split(shards: ShardSet, start: int, stop: int) -> Iterator[tuple[int, str, torch.Tensor | str]]:
     """(position, "shard/key", uint8 (3,H,W) RGB or the reason it cannot be decoded) for the
     samples at positions [start, stop) of the split, decoded like the torch input pipeline."""
-    for index, (shard, key, jpg) in enumerate(_read(_segments(shards, start, stop)), start):
+    for index, (shard, key, jpg) in enumerate(read_range(shards, start, stop), start):
         name = f"{shard}/{key}"
         if jpg is None:
             yield index, name, "no .jpg member"

@@ -34,6 +34,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from webdataset import tariterators
 
 from ..config import DataConfig
+from ..imageio import first_line
 from .errors import DataError
 from .sampling import derive_seed, rank_range
 from .shards_index import ShardSet
@@ -103,17 +104,6 @@ class _Segment:
     """Sample numbers [start, stop) inside the tar."""
 
 
-def _segments(shards: ShardSet, start: int, stop: int) -> list[_Segment]:
-    """Split positions [start, stop) of the concatenated split into per-tar pieces."""
-    out, offset = [], 0
-    for shard in shards.shards:
-        lo, hi = max(start, offset), min(stop, offset + shard.samples)
-        if lo < hi:
-            out.append(_Segment(shard.tar, lo - offset, hi - offset))
-        offset += shard.samples
-    return out
-
-
 class DamagedShard(Exception):
     """A tar that cannot be read to its end (truncated, overwritten): no sample can be trusted."""
 
@@ -136,6 +126,23 @@ def _read(segments: list[_Segment]) -> Iterator[tuple[str, str, bytes | None]]:
                     yield seg.tar.name, sample["__key__"], sample.get("jpg")
         except (tarfile.TarError, OSError) as exc:
             raise DamagedShard(seg.tar, exc) from None
+
+
+def _segments(shards: ShardSet, start: int, stop: int) -> list[_Segment]:
+    """Split positions [start, stop) of the concatenated split into per-tar pieces."""
+    out, offset = [], 0
+    for shard in shards.shards:
+        lo, hi = max(start, offset), min(stop, offset + shard.samples)
+        if lo < hi:
+            out.append(_Segment(shard.tar, lo - offset, hi - offset))
+        offset += shard.samples
+    return out
+
+
+def read_range(shards: ShardSet, start: int, stop: int) -> Iterator[tuple[str, str, bytes | None]]:
+    """(shard file name, key, jpg bytes or None) for positions [start, stop) of the split, in
+    order; raises DamagedShard for a tar that cannot be read (evaluate reads val this way)."""
+    return _read(_segments(shards, start, stop))
 
 
 class _RankSamples(IterableDataset):
@@ -185,7 +192,7 @@ class _RankSamples(IterableDataset):
                 try:
                     img = decode(data)
                 except RuntimeError as exc:
-                    yield "bad", shard, key, str(exc).splitlines()[0]
+                    yield "bad", shard, key, first_line(exc)
                     continue
                 yield "ok", shard, key, self.augment(img, sample_rng(self.seed, self.epoch, self.rank, key))
         except DamagedShard as exc:
@@ -287,7 +294,7 @@ class TorchBatches:
                 try:
                     images.append(decode(one, self.device))
                 except RuntimeError as exc:
-                    self._skip(name, str(exc).splitlines()[0])
+                    self._skip(name, first_line(exc))
                     images.append(None)
         return [(name, self.augment(img, sample_rng(self.seed, epoch, self.rank, name.partition("/")[2])))
                 for (name, _), img in zip(items, images) if img is not None]
@@ -297,7 +304,7 @@ def find_undecodable(shards: ShardSet, start: int, stop: int) -> str | None:
     """What is wrong with the first bad sample in positions [start, stop) ('<tar>/<key> does
     not decode', '<tar> is damaged (...)'), or None. Names the culprit when DALI fails."""
     try:
-        for shard, key, jpg in _read(_segments(shards, start, stop)):
+        for shard, key, jpg in read_range(shards, start, stop):
             try:
                 if jpg is None:
                     raise RuntimeError("no .jpg")
