@@ -77,6 +77,14 @@ class _Worker:
     pending: deque  # (sequence number, job) sent to this worker, oldest first
 
 
+def _drop_pending(w: _Worker) -> None:
+    """Read and drop the results of the jobs `w` was sent that no map consumed (EOFError or
+    OSError when it died, possibly half-way through a message)."""
+    while w.pending:
+        w.results.recv()
+        w.pending.popleft()
+
+
 class WorkerPool:
     """`workers` processes running `handler(job)` (a picklable callable) on jobs from `map`."""
 
@@ -103,12 +111,10 @@ class WorkerPool:
         """handler(job) for each job, in order. Raises WorkerDied when a worker ends; stop
         iterating early at will (the next map, or close(), drops what this one left in flight)."""
         for w in self.workers:  # an earlier map's leftovers: not results of these jobs
-            while w.pending:
-                try:
-                    w.results.recv()
-                except (EOFError, OSError):
-                    raise WorkerDied(w.pending[0][1]) from None
-                w.pending.popleft()
+            try:
+                _drop_pending(w)
+            except (EOFError, OSError):
+                raise WorkerDied(w.pending[0][1]) from None
         it = iter(jobs)
         done: dict[int, Any] = {}
         sent = received = 0
@@ -169,9 +175,7 @@ class WorkerPool:
         for w in self.workers:
             if not terminate:
                 try:
-                    while w.pending:
-                        w.results.recv()
-                        w.pending.popleft()
+                    _drop_pending(w)
                     w.jobs.send(None)
                 except (EOFError, OSError):  # it died meanwhile: nothing left to wait for
                     terminate = True
