@@ -46,6 +46,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def make_unlistable_folder(parent: Path) -> None:
+    """Nested folders below `parent` whose path exceeds PATH_MAX: listing the deepest fails
+    (ENAMETOOLONG) even for root, where permission bits would not stop a read."""
+    fd = os.open(parent, os.O_RDONLY)
+    for _ in range(17):
+        os.mkdir("d" * 250, dir_fd=fd)
+        fd, above = os.open("d" * 250, os.O_RDONLY, dir_fd=fd), fd
+        os.close(above)
+    os.close(fd)
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests skip cleanly (with a reason) on machines without CUDA."""
     if torch.cuda.is_available():

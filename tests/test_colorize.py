@@ -15,7 +15,7 @@ from PIL import Image
 from skimage import data as skdata
 from skimage.color import rgb2lab
 
-from conftest import run_python
+from conftest import make_unlistable_folder, run_python
 from pix2pix_dist.colorize import main as colorize_main
 from pix2pix_dist.colorize import find_inputs, output_name
 from pix2pix_dist.imageio import find_image_files
@@ -275,21 +275,11 @@ def test_two_links_to_one_outside_folder_give_the_first_name_in_order(tmp_path):
     assert [rel for rel, _ in find_image_files(src)[0]] == ["alpha/p.jpg"]
 
 
-def _unlistable_folder(parent: Path) -> None:
-    """A folder whose path exceeds PATH_MAX: listing it fails (ENAMETOOLONG) even for root."""
-    fd = os.open(parent, os.O_RDONLY)
-    for _ in range(17):
-        os.mkdir("d" * 250, dir_fd=fd)
-        fd, above = os.open("d" * 250, os.O_RDONLY, dir_fd=fd), fd
-        os.close(above)
-    os.close(fd)
-
-
 def test_an_unlistable_folder_is_a_counted_skip(export, tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
     _photo(photos / "a.png", 40, 60)
-    _unlistable_folder(photos)
+    make_unlistable_folder(photos)
     assert colorize_main([str(photos), "--generator", str(export), "--output",
                           str(tmp_path / "out"), "--no-progress"]) == 0
     out, err = capsys.readouterr()

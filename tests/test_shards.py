@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import make_unlistable_folder
 from pix2pix_dist.shards import ShardError, ShardOptions, build_shards, verify_shards
 from pix2pix_dist.shards.build import val_count
 from pix2pix_dist.shard_format import FORMAT, index_from_tar, split_name
@@ -824,13 +825,7 @@ def test_fifos_and_unlistable_folders_are_counted_never_opened(tmp_path):
     src.mkdir()
     (src / "good.jpg").write_bytes(jpeg_bytes(photo("coffee.png")))
     os.mkfifo(src / "pipe.jpg")  # opening it for reading would block forever
-    # A folder whose path exceeds PATH_MAX: listing it fails (ENAMETOOLONG) even for root.
-    fd = os.open(src, os.O_RDONLY)
-    for _ in range(17):
-        os.mkdir("d" * 250, dir_fd=fd)
-        fd, parent = os.open("d" * 250, os.O_RDONLY, dir_fd=fd), fd
-        os.close(parent)
-    os.close(fd)
+    make_unlistable_folder(src)
     m = build_shards(opts(src, tmp_path / "o", val_fraction=0.0, workers=2))
     assert m["skipped"] == {"not_a_file": 1, "unreadable": 1}, m["skipped"]
     assert m["skipped_examples"]["not_a_file"] == ["pipe.jpg"]
