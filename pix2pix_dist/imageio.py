@@ -8,6 +8,7 @@ grayscale PNG into near-white (PIL clips `I;16` values at 255 when converting to
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import warnings
@@ -58,12 +59,18 @@ def find_image_files(root: Path, exclude: Path | None = None
             return None
         return st.st_dev, st.st_ino
 
-    direct = {folder_id(root)}  # folders reachable without following a link
-    for folder, dirs, _ in os.walk(root):
-        dirs[:] = [d for d in dirs if not is_hidden(d)]
-        direct.update(folder_id(os.path.join(folder, d)) for d in dirs
-                      if not os.path.islink(os.path.join(folder, d)))
-    direct.discard(None)
+    @functools.cache
+    def direct() -> set[tuple[int, int] | None]:
+        """The folders reachable without following a link: a second listing of the tree, made
+        only when a link to a folder is met (most datasets have none)."""
+        found = {folder_id(root)}
+        for folder, dirs, _ in os.walk(root):
+            dirs[:] = [d for d in dirs if not is_hidden(d)]
+            found.update(folder_id(os.path.join(folder, d)) for d in dirs
+                         if not os.path.islink(os.path.join(folder, d)))
+        found.discard(None)
+        return found
+
     excluded = folder_id(exclude) if exclude is not None else None
     seen: set[tuple[int, int]] = set()
     files: list[tuple[str, Path]] = []
@@ -91,7 +98,7 @@ def find_image_files(root: Path, exclude: Path | None = None
             except OSError:
                 is_dir = False
             if is_dir:
-                if not (e.is_symlink() and folder_id(e.path) in direct):
+                if not (e.is_symlink() and folder_id(e.path) in direct()):
                     stack.append((e.path, f"{prefix}{e.name}/"))
             elif has_image_ext(e.name):
                 files.append((f"{prefix}{e.name}", Path(e.path)))
