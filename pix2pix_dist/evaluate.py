@@ -130,7 +130,7 @@ def _to_uint8(rgb01: torch.Tensor) -> torch.Tensor:
 
 
 def _neutral(rgb: torch.Tensor) -> torch.Tensor:
-    """(B,)3,H,W rendered with ab = 0 -> exactly R = G = B (the Lab round trip's float error
+    """(..., 3, H, W) rendered with ab = 0 -> exactly R = G = B (the Lab round trip's float error
     would otherwise give the gray baseline a colourfulness of ~0.1 instead of 0)."""
     return rgb[..., 1:2, :, :].expand_as(rgb)
 
