@@ -35,8 +35,9 @@ from .config import Config
 from .data import DataError
 from .data.lab import lab_to_rgb, uint8_to_lab
 from .data.sampling import rank_range
+from .data.geometry import decode
+from .data.reading import read_range
 from .data.shards_index import ShardSet, find_shards
-from .data.torch_pipeline import decode, read_range
 from .export import (ExportError, InferenceSettings, NormMode, export_path, generator_meta,
                      load_export)
 from .imageio import display_name, first_line

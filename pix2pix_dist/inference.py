@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.lab import lab_to_rgb, uint8_to_lab
-from .data.torch_pipeline import Augment, resize
+from .data.geometry import Augment, resize
 from .export import InferenceSettings, NormMode
 from .models import UNetGenerator
 

@@ -44,7 +44,7 @@ from ..shard_format import split_name
 from .errors import DataError
 from .sampling import derive_seed, rank_range
 from .shards_index import ShardSet
-from .torch_pipeline import find_undecodable
+from .reading import find_undecodable
 
 T = TypeVar("T")
 

@@ -18,131 +18,22 @@ epoch short, so batch counts stay equal across ranks.
 from __future__ import annotations
 
 import itertools
-import math
 import random
-import tarfile
 import warnings
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
-from webdataset import tariterators
 
 from ..config import DataConfig
 from ..imageio import first_line
 from .errors import DataError
+from .geometry import Augment, decode
+from .reading import DamagedShard, Segment, read_segments, split_segments
 from .sampling import derive_seed, rank_range
 from .shards_index import ShardSet
-
-
-@dataclass(frozen=True)
-class Augment:
-    """pix2pix augmentation for one sample, on CPU or CUDA uint8 (3,H,W) tensors, with the same
-    geometry as dali_pipeline.py: training resizes (`resize` below) to load_size and takes a
-    random S x S crop (or a random-resized crop), then flips; validation resizes to S and takes
-    the centre S x S (all of a `square` image)."""
-
-    crop_size: int
-    load_size: int
-    train: bool
-    flip: bool
-    random_resized_crop: bool
-    rrc_min_scale: float
-    resize: str = "shorter_side"
-
-    def __call__(self, img: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        size = self.crop_size
-        if not self.train:  # the whole image (square) or its centre, at S x S
-            return TF.center_crop(resize(img, size, self.resize), [size, size]).contiguous()
-        if self.random_resized_crop:
-            top, left, h, w = self._rrc_window(img.shape[-2], img.shape[-1], rng)
-            img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
-        else:
-            img = resize(img, self.load_size, self.resize)
-            top = rng.randint(0, img.shape[-2] - size)
-            left = rng.randint(0, img.shape[-1] - size)
-            img = TF.crop(img, top, left, size, size)
-        if self.flip and rng.random() < 0.5:
-            img = TF.horizontal_flip(img)
-        return img.contiguous()
-
-    def _rrc_window(self, height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
-        # torchvision's RandomResizedCrop.get_params with our generator (and DALI's defaults).
-        area = height * width
-        for _ in range(10):
-            target = area * rng.uniform(self.rrc_min_scale, 1.0)
-            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-            if 0 < w <= width and 0 < h <= height:
-                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-        side = min(height, width)
-        return (height - side) // 2, (width - side) // 2, side, side
-
-
-def resize(img: torch.Tensor, side: int, mode: str) -> torch.Tensor:
-    """`shorter_side`: the shorter side to `side`, aspect ratio kept; `square`: the whole image to
-    side x side. Bicubic, antialiased (PIL's BICUBIC), as pix2pix's and the tutorial's resize."""
-    size = [side, side] if mode == "square" else [side]
-    return TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-
-
-def decode(data: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """JPEG bytes (uint8 1-D) -> uint8 (3,H,W) RGB; raises RuntimeError on a corrupt file."""
-    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-
-
-@dataclass(frozen=True)
-class _Segment:
-    tar: Path
-    start: int
-    stop: int
-    """Sample numbers [start, stop) inside the tar."""
-
-
-class DamagedShard(Exception):
-    """A tar that cannot be read to its end (truncated, overwritten): no sample can be trusted."""
-
-    def __init__(self, tar: Path, exc: BaseException) -> None:
-        # webdataset appends the open file and the url to the exception's args: keep the reason.
-        reason = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
-        super().__init__(f"{tar.name} is damaged ({reason})")
-
-
-def _read(segments: list[_Segment]) -> Iterator[tuple[str, str, bytes | None]]:
-    """(shard file name, key, jpg bytes or None when the sample has no .jpg) per sample.
-    Raises DamagedShard for a tar that cannot be read."""
-    for seg in segments:
-        samples = tariterators.tarfile_samples([{"url": str(seg.tar)}])
-        try:
-            for i, sample in enumerate(samples):
-                if i >= seg.stop:
-                    break
-                if i >= seg.start:
-                    yield seg.tar.name, sample["__key__"], sample.get("jpg")
-        except (tarfile.TarError, OSError) as exc:
-            raise DamagedShard(seg.tar, exc) from None
-
-
-def _segments(shards: ShardSet, start: int, stop: int) -> list[_Segment]:
-    """Split positions [start, stop) of the concatenated split into per-tar pieces."""
-    out, offset = [], 0
-    for shard in shards.shards:
-        lo, hi = max(start, offset), min(stop, offset + shard.samples)
-        if lo < hi:
-            out.append(_Segment(shard.tar, lo - offset, hi - offset))
-        offset += shard.samples
-    return out
-
-
-def read_range(shards: ShardSet, start: int, stop: int) -> Iterator[tuple[str, str, bytes | None]]:
-    """(shard file name, key, jpg bytes or None) for positions [start, stop) of the split, in
-    order; raises DamagedShard for a tar that cannot be read (evaluate reads val this way)."""
-    return _read(_segments(shards, start, stop))
 
 
 class _RankSamples(IterableDataset):
@@ -163,7 +54,7 @@ class _RankSamples(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         lo, hi = rank_range(self.stop - self.start, workers, worker)  # the rank's rule, again
-        segments = _segments(self.shards, self.start + lo, self.start + hi)
+        segments = split_segments(self.shards, self.start + lo, self.start + hi)
         for passes in itertools.count():
             good = 0
             for item in self._one_pass(segments, derive_seed(self.seed, self.epoch, self.rank, worker, passes)):
@@ -172,12 +63,12 @@ class _RankSamples(IterableDataset):
             if good == 0:
                 return
 
-    def _one_pass(self, segments: list[_Segment], seed: int) -> Iterator[tuple[str, str, str, torch.Tensor | str]]:
+    def _one_pass(self, segments: list[Segment], seed: int) -> Iterator[tuple[str, str, str, torch.Tensor | str]]:
         train = self.augment.train
         rng = random.Random(seed)
         if train:
             segments = rng.sample(segments, len(segments))
-        samples = _read(segments)
+        samples = read_segments(segments)
         if train:
             samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
         try:
@@ -298,19 +189,3 @@ class TorchBatches:
                     images.append(None)
         return [(name, self.augment(img, sample_rng(self.seed, epoch, self.rank, name.partition("/")[2])))
                 for (name, _), img in zip(items, images) if img is not None]
-
-
-def find_undecodable(shards: ShardSet, start: int, stop: int) -> str | None:
-    """What is wrong with the first bad sample in positions [start, stop) ('<tar>/<key> does
-    not decode', '<tar> is damaged (...)'), or None. Names the culprit when DALI fails."""
-    try:
-        for shard, key, jpg in read_range(shards, start, stop):
-            try:
-                if jpg is None:
-                    raise RuntimeError("no .jpg")
-                decode(torch.frombuffer(bytearray(jpg), dtype=torch.uint8))
-            except RuntimeError:
-                return f"{shard}/{key} does not decode"
-    except DamagedShard as exc:
-        return str(exc)
-    return None
