@@ -83,7 +83,20 @@ def export_generator(generator: nn.Module, path: Path, meta: dict[str, dict[str,
     if bad := _first_nonfinite(tensors):
         raise ExportError(f"refusing to export a generator with non-finite values in {bad} to {path}")
     metadata = {MODEL_KEY: json.dumps(meta["model"]), INFERENCE_KEY: json.dumps(meta["inference"])}
-    atomic_write(Path(path), save(tensors, metadata=metadata))
+    atomic_write(Path(path), _sorted_metadata(save(tensors, metadata=metadata)))
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """`blob` with its metadata entries in name order. safetensors writes them from a Rust
+    HashMap, in an order that changes from process to process; sorted, the same weights always
+    give the same bytes (a resumed run's export equals an uninterrupted one's, checksums hold).
+    Same entries, same length: the header's padding and the tensor offsets do not move."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    assert len(text) <= size, "re-serialized safetensors header grew"
+    return blob[:8] + text.ljust(size) + blob[8 + size:]
 
 
 def export_path(target: str | Path) -> Path:

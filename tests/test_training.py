@@ -146,6 +146,35 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(sample_shards, tm
     assert [r["step"] for r in stats(interrupted)] == list(range(1, 41))
 
 
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_export_bytes(sample_shards, tmp_path, backend):
+    """The kill lands after the step-10 checkpoint exists (mid-epoch: the sample split's epoch
+    is 7 batches); whichever checkpoint the run reached, resuming it must give the
+    uninterrupted run's generator export byte for byte, with dropout on and 2 loader workers."""
+    args = ["train.py", *TINY, f"data.shards={sample_shards}", "train.steps=24", "log.every=4",
+            "log.sample_every=1000", "ckpt.every=10", "log.tracker=none",
+            "train.deterministic=true", f"data.backend={backend}", "data.num_threads=2"]
+    straight = run_python([*args, f"run_dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *args, f"run_dir={killed}"], cwd=REPO, env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list_checkpoints(killed):
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait(timeout=60)
+    [*_, ckpt] = list_checkpoints(killed)
+    assert int(ckpt.name.split("-")[1]) in (10, 20)
+
+    resumed = run_python([*args, f"run_dir={killed}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {ckpt}" in resumed.stdout
+    assert (killed / "generator.safetensors").read_bytes() == \
+        (tmp_path / "straight" / "generator.safetensors").read_bytes()
+
+
 
 def test_two_gloo_processes_keep_identical_weights_on_disjoint_data(sample_shards, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")

@@ -135,9 +135,13 @@ class TorchBatches:
                                decode_here=not self.gpu_decode,
                                shuffle_buffer=max(1, self.cfg.shuffle_buffer // workers),
                                seed=self.seed, epoch=epoch, rank=self.rank)
+        # A generator of its own: by default each DataLoader iterator draws its workers' base
+        # seed from the global torch RNG, which a resumed run restores mid-epoch, so that draw
+        # would shift G's dropout noise (our randomness comes from derive_seed, not that seed).
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                             prefetch_factor=max(2, self.cfg.prefetch * batch // workers),
-                            worker_init_fn=_worker_init, pin_memory=self.gpu_decode)
+                            worker_init_fn=_worker_init, pin_memory=self.gpu_decode,
+                            generator=torch.Generator().manual_seed(self.seed))
         stream = iter(loader)
         for _ in range(count):
             items: list[tuple[str, torch.Tensor]] = []  # ("shard/key", uint8 (3,S,S)) on device
