@@ -8,6 +8,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from .files import open_regular
+
 
 def fsync_dir(path: Path) -> None:
     """Make a rename durable (the directory entry itself must reach the disk); best effort."""
@@ -38,7 +40,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in chunks (shards and checkpoints are large)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()

@@ -31,6 +31,7 @@ import torch
 
 from .atomic import atomic_write, file_sha256, fsync_dir
 from .export import EXPORT_NAME, export_generator, generator_meta
+from .files import read_text
 from .ranks import RankError, agree, all_gather
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def verify_checkpoint(path: Path) -> None:
     sha256 (sizes first: a truncated file is found without reading it)."""
     path = Path(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads(read_text(path / MANIFEST))
         files = manifest["files"]
         if "state.pt" not in files:
             raise CheckpointError(f"{path / MANIFEST} lists no state.pt")

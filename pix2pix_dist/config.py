@@ -30,6 +30,7 @@ from tyro.constructors import PrimitiveConstructorSpec
 
 from .atomic import atomic_write
 from .cli import CliError, expand_key_values, parse
+from .files import read_text
 
 
 class ConfigError(ValueError):
@@ -402,9 +403,10 @@ def _base_config(preset: str | None, config_file: str | None) -> Config:
             set_key(cfg, key, value)
     if config_file is not None:
         try:
-            data = json.loads(Path(config_file).read_text())
+            data = json.loads(read_text(config_file))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError(f"cannot read config file {config_file}: {reason}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {config_file} must hold a JSON object like config.json")
         for key, value in leaf_items(data):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 import os
-import stat
 import warnings
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .files import NotRegularFile, open_regular
 
 NOT_A_FILE = "not_a_file"
 """The skip reason of FIFOs, sockets and devices (never read: a FIFO would block forever)."""
@@ -129,14 +130,13 @@ class Skip(Exception):
 def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """(H, W, 3) uint8 RGB of an image file, EXIF-oriented, possibly read-only (copies of a
     large photo are what this module avoids); raises Skip."""
-    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        f = open_regular(path)  # a FIFO would block open() forever
+    except NotRegularFile:
+        raise Skip(NOT_A_FILE, "FIFO, socket or device: not read") from None
     except OSError as exc:
         raise Skip("unreadable", exc.strerror or str(exc)) from None
-    with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise Skip(NOT_A_FILE, "FIFO, socket or device: not read")
+    with f:
         try:
             with warnings.catch_warnings():
                 # Our own bound replaces PIL's decompression-bomb warning (an error above 2x).

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .files import open_regular, read_text
+
 FORMAT = "pix2pix_dist-shards/1"
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -84,20 +86,20 @@ def sample_entry(members: list[tarfile.TarInfo]) -> list[str]:
 
 def index_from_tar(path: Path) -> bytes:
     """Recompute a tar's index by reading its headers only (what `wds2idx` does)."""
-    with tarfile.open(path, "r:") as tf:
+    with open_regular(path) as f, tarfile.open(fileobj=f, mode="r:") as tf:
         return render_index([sample_entry(ms) for _, ms in group_samples(tf)])
 
 
 def index_sample_count(index: Path) -> int | None:
     """The sample count in an index's header line, None when it is no DALI index."""
-    with index.open("rb") as f:
+    with open_regular(index) as f:
         header = f.readline().split()
     return int(header[1]) if len(header) == 2 and header[1].isdigit() else None
 
 
 def tar_sample_count(path: Path) -> int:
     """Samples in a tar without an index (raises tarfile.TarError/OSError on a damaged tar)."""
-    with tarfile.open(path, "r:") as tf:
+    with open_regular(path) as f, tarfile.open(fileobj=f, mode="r:") as tf:
         return sum(1 for _ in group_samples(tf))
 
 
@@ -112,10 +114,12 @@ def load_manifest(root: Path) -> Any:
     """The parsed manifest.json of a shard folder (check it with `manifest_records`)."""
     path = Path(root) / MANIFEST
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except FileNotFoundError:
         raise ManifestError(f"{path}: missing (no finished build here)") from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:
         raise ManifestError(f"{path}: not readable JSON ({e})") from None
 
 

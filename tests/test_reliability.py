@@ -175,3 +175,27 @@ def test_weights_turning_nan_stop_the_run_and_name_the_last_good_checkpoint(samp
     assert list_checkpoints(run_dir) == [good]  # step 4 was never written
     export = load_file(run_dir / "generator.safetensors")
     assert all(bool(torch.isfinite(t).all()) for t in export.values())
+
+
+def test_fifos_where_the_tools_read_files_are_one_line_errors_never_a_hang(sample_shards, tmp_path,
+                                                                           capsys):
+    """open() of a FIFO waits for a writer forever: every file read by name is checked first."""
+    from pix2pix_dist.evaluate import main as evaluate_main
+    from pix2pix_dist.train_loop import main as train_main
+    from test_evaluate import tiny_export
+
+    os.mkfifo(tmp_path / "fifo.json")
+    shards = tmp_path / "other-tool"  # no manifest: tars found by name and counted
+    shards.mkdir()
+    for name in ("train-000000.tar", "val-000000.tar"):
+        (shards / name).write_bytes((sample_shards / name).read_bytes())
+    os.mkfifo(shards / "train-000001.tar")
+    export = tiny_export(tmp_path / "run")
+    for command, args, named in (
+            (train_main, ["--config", str(tmp_path / "fifo.json"), "--dry-run"], "fifo.json"),
+            (train_main, [f"data.shards={shards}", "--dry-run"], "train-000001.tar"),
+            (evaluate_main, [str(export), "--shards", str(shards), "--split", "train"],
+             "train-000001.tar")):
+        assert command(args) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert named in line and "not a regular file" in line, line

@@ -741,6 +741,65 @@ def test_unreadable_progress_or_foreign_manifest_is_refused_with_its_reason(tmp_
     assert (out / "manifest.json").read_text() == '{"another": "tool"}'
 
 
+def test_user_tmp_and_lock_files_in_the_output_are_never_removed_or_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("train-000000.tar.tmp", "val-000000.idx.tmp", ".lock"):
+        (out / name).write_bytes(b"the user's " + name.encode())
+    r = run_cli("--source", "sample", "--output", str(out), "--limit", "3", "--no-progress")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert ".lock exists and is not a lock file of pix2pix_dist" in r.stderr
+    (out / ".lock").unlink()
+    r = run_cli("--source", "sample", "--output", str(out), "--limit", "3", "--no-progress")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "holds train-000000.tar.tmp and 1 more, not written by this tool" in r.stderr
+    for name in ("train-000000.tar.tmp", "val-000000.idx.tmp"):
+        assert (out / name).read_bytes() == b"the user's " + name.encode()
+
+
+def test_tmp_files_of_a_killed_run_are_removed_by_the_next(sample_shards, tmp_path, monkeypatch):
+    """What a SIGKILL leaves (a finished tar not yet recorded, an open one) is the writer's by
+    its progress record: the rerun removes it and ends identical to an uninterrupted build."""
+    from pix2pix_dist.shards import build
+
+    class Killed(BaseException):
+        pass
+
+    real_checkpoint, calls = build.Builder._checkpoint, []
+
+    def die_before_the_second_record(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        real_checkpoint(self)
+
+    monkeypatch.setattr(build.Builder, "_checkpoint", die_before_the_second_record)
+    monkeypatch.setattr(build.TarShard, "abort", lambda self: None)  # SIGKILL cleans nothing up
+    out = tmp_path / "k"
+    with pytest.raises(Killed):
+        build_shards(opts("sample", out))
+    monkeypatch.undo()
+    assert {p.name for p in out.glob("*.tmp")} == {  # finished but unrecorded, and still open
+        "train-000001.tar.tmp", "train-000001.idx.tmp", "val-000000.tar.tmp"}
+    build_shards(opts("sample", out))
+    assert not list(out.glob("*.tmp")) and shard_files(out) == shard_files(sample_shards[0])
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "progress.json"])
+def test_a_fifo_in_place_of_a_record_is_refused_never_opened(tmp_path, name):
+    out = tmp_path / "out"
+    build_shards(opts("sample", out, limit=3))
+    (out / name).unlink()
+    os.mkfifo(out / name)  # open() for reading would wait for a writer forever
+    r = run_cli("--source", "sample", "--output", str(out), "--limit", "3", "--no-progress")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{name} is unreadable (" in r.stderr and "not a regular file" in r.stderr
+    r = run_cli("--verify", "--output", str(out))
+    assert r.returncode == (1 if name == "manifest.json" else 0), r.stderr
+    if name == "manifest.json":
+        assert "manifest.json: cannot be read (not a regular file" in r.stderr
+
+
 def test_second_writer_and_verify_are_refused_while_one_writes(tmp_path):
     """Two processes: this one holds the output folder as a writer does; the CLI is refused."""
     from pix2pix_dist.locking import FolderLock

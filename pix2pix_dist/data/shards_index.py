@@ -6,6 +6,7 @@ tars are listed by name and counted from their index files, or by walking the ta
 
 from __future__ import annotations
 
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,13 @@ class ShardSet:
 def find_shards(root: str | Path, split: str) -> ShardSet:
     """The shards of `split` under `root`, in reading order; DataError if there are none."""
     root = Path(root)
-    if not (root / MANIFEST).is_file() and (root / PROGRESS).is_file():
+    # exists(), not is_file(): a manifest that is a FIFO is an error (load_manifest), not absent.
+    has_manifest = os.path.lexists(root / MANIFEST)
+    if not has_manifest and (root / PROGRESS).exists():
         # The writer removes the manifest while it works and writes it last.
         raise DataError(f"the shards in {root} are incomplete (an interrupted or running "
                         f"`make shards`); run the same command again to finish them")
-    shards = _from_manifest(root, split) if (root / MANIFEST).is_file() else _from_listing(root, split)
+    shards = _from_manifest(root, split) if has_manifest else _from_listing(root, split)
     if not shards:
         raise DataError(f"no {split} shards in {root} (expected {MANIFEST} or {split}-*.tar); "
                         f"write them with `make shards`")
@@ -59,7 +62,7 @@ def _from_manifest(root: Path, split: str) -> list[Shard]:
     for _, rec in records:
         tar, index = root / rec["tar"], root / rec["index"]
         if not tar.is_file():
-            raise DataError(f"{root / MANIFEST} lists {rec['tar']} but {tar} is missing; "
+            raise DataError(f"{root / MANIFEST} lists {rec['tar']} but {tar} is missing (or not a regular file); "
                             f"rewrite the shards with `make shards`")
         size = tar.stat().st_size
         if size != rec["bytes"]:  # a stat per shard: caught here, before any worker or pipeline starts

@@ -30,10 +30,11 @@ from typing import Any, Callable, Iterator
 import pix2pix_dist
 
 from ..atomic import atomic_write, file_sha256
+from ..files import read_text
 from ..imageio import display_name
 from ..locking import FolderLock
-from ..shard_format import (FORMAT, MANIFEST, PROGRESS, SHARD_FILE, SPLITS, ManifestError, load_manifest,
-                            manifest_records, shard_name)
+from ..shard_format import (FORMAT, MANIFEST, PROGRESS, SHARD_FILE, SPLITS, ManifestError, index_name,
+                            load_manifest, manifest_records, shard_name)
 from .errors import ShardError
 from .images import ImageSettings
 from .options import ShardLimit, ShardOptions, parse_max_bytes, parse_shard_size, validate
@@ -143,7 +144,7 @@ def _load_state(out: Path) -> dict[str, Any] | None:
     cannot read is refused, not overwritten: it may be damaged, or another tool's file."""
     path = out / PROGRESS
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(read_text(path))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
@@ -153,10 +154,23 @@ def _load_state(out: Path) -> dict[str, Any] | None:
     return state
 
 
+def _owned_tmp_files(state: dict[str, Any] | None) -> set[str]:
+    """The `.tmp` files a run whose progress record is `state` may have left behind: those of its
+    recorded shards (killed between record and rename) and of the next two shards of each split
+    (one finished and not yet recorded, one opened: a size limit rolls over to a new tar before
+    the record is written). A run records its (empty) state before it creates any of them."""
+    names: set[str] = set()
+    for s in SPLITS if state else ():
+        for number in range(len(state["splits"][s]["shards"]) + 2):
+            tar = shard_name(s, number)
+            names |= {f"{tar}.tmp", f"{index_name(tar)}.tmp"}
+    return names
+
+
 def _owned_files(out: Path, state: dict[str, Any] | None) -> set[str]:
-    """Shard files this tool wrote here, by the records of the earlier run (progress.json and
-    manifest.json): the only shard files it may replace or remove. A manifest.json that is not
-    ours is refused like a foreign progress.json."""
+    """Shard files (`.tmp` ones too) this tool wrote here, by the records of the earlier run
+    (progress.json and manifest.json): the only shard files it may replace or remove. A
+    manifest.json that is not ours is refused like a foreign progress.json."""
     records = [(s, r) for s in SPLITS for r in state["splits"][s]["shards"]] if state else []
     if (out / MANIFEST).exists():
         try:
@@ -166,12 +180,11 @@ def _owned_files(out: Path, state: dict[str, Any] | None) -> set[str]:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise _not_ours(out / MANIFEST, f"not a {FORMAT} manifest")
         records += manifest_records(manifest)[0]
-    return {r[k] for _, r in records for k in ("tar", "index")}
+    return {r[k] for _, r in records for k in ("tar", "index")} | _owned_tmp_files(state)
 
 
 def _refuse_foreign_files(out: Path, owned: set[str]) -> None:
-    foreign = sorted(p.name for p in out.iterdir()
-                     if SHARD_FILE.match(p.name) and not p.name.endswith(".tmp") and p.name not in owned)
+    foreign = sorted(p.name for p in out.iterdir() if SHARD_FILE.match(p.name) and p.name not in owned)
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise ShardError(f"{out} holds {foreign[0]}{more}, not written by this tool (no progress.json or "
@@ -264,9 +277,12 @@ class Builder:
         exists under its final name is always listed, with its checksum, in progress.json)."""
         for s, w in self.writers.items():
             self.state["splits"][s]["open"] = list(w.members)
-        atomic_write(self.out / PROGRESS, json.dumps(self.state, separators=(",", ":")))
+        self._save_state()
         for w in self.writers.values():
             w.publish()
+
+    def _save_state(self) -> None:
+        atomic_write(self.out / PROGRESS, json.dumps(self.state, separators=(",", ":")))
 
     def _skip(self, r: Result) -> None:
         reason = r.reason or "corrupt"
@@ -287,6 +303,9 @@ class Builder:
         state = _load_state(self.out)
         owned = _owned_files(self.out, state)
         _refuse_foreign_files(self.out, owned)
+        for name in owned:  # what a killed run left unfinished (we hold the folder: nobody writes)
+            if name.endswith(".tmp"):
+                (self.out / name).unlink(missing_ok=True)
         if state is not None and state.get("fingerprint") == self.fingerprint:
             self.state = state
             records = [(s, rec) for s in SPLITS for rec in state["splits"][s]["shards"]]
@@ -309,12 +328,10 @@ class Builder:
         for si, src in enumerate(self.sources):  # counted once per build, like unreadable files
             for folder in src.unreadable_folders:
                 self._skip(Result(si, -1, folder, "", None, "unreadable", "folder cannot be listed"))
+        self._save_state()  # recorded before any .tmp file exists: what makes them ours
         return self._produce([])
 
     def _produce(self, bad: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-        for p in self.out.glob("*.tmp"):
-            if SHARD_FILE.match(p.name):
-                p.unlink(missing_ok=True)
         self.writers = {s: SplitWriter(self.out, s, self.limit, self.state["splits"][s]) for s in SPLITS}
         sources = [(s.kind, str(s.path)) for s in self.sources]
         executor = Executor(sources, self.settings, self.workers)

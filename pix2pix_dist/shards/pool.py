@@ -30,11 +30,12 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..files import NotRegularFile
 from ..imageio import NOT_A_FILE, display_name
 from ..lifetime import set_parent_death_signal
 from .errors import ShardError
 from .images import Converted, ImageSettings, convert_image
-from .sources import NOT_REGULAR, NotRegularFile, Reader
+from .sources import NOT_REGULAR, Reader
 
 PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent still exists
 
@@ -235,7 +236,7 @@ class Converter:
         try:
             data = self.readers[task.stream].read(task.relpath, limit)
         except NotRegularFile as e:  # replaced by a FIFO since it was listed
-            return Result(*task[:4], None, NOT_A_FILE, str(e))
+            return Result(*task[:4], None, NOT_A_FILE, e.strerror)
         except zipfile.BadZipFile as e:  # e.g. CRC mismatch of a damaged member
             return Result(*task[:4], None, "corrupt", str(e))
         except (OSError, KeyError, RuntimeError, ValueError) as e:

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ..files import open_regular
 from ..imageio import IMAGE_EXTENSIONS, find_image_files, has_image_ext, is_hidden
 from .errors import ShardError
 
@@ -185,13 +186,5 @@ class Reader:
                 self._zip = zipfile.ZipFile(self.path)
             with self._zip.open(relpath) as f:
                 return f.read(limit + 1)
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it unread.
-        fd = os.open(self.path / relpath, os.O_RDONLY | os.O_NONBLOCK)
-        with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise NotRegularFile(f"{relpath} is not a regular file")
+        with open_regular(self.path / relpath) as f:
             return f.read(limit + 1)
-
-
-class NotRegularFile(OSError):
-    """A FIFO, socket or device where an image file was listed."""

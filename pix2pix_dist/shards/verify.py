@@ -24,6 +24,7 @@ from ..shard_format import (MANIFEST, SHARD_FILE, ManifestError, group_samples, 
 from .errors import ShardError
 from .pool import WorkerDied, WorkerPool
 from ..atomic import file_sha256
+from ..files import open_regular, read_bytes
 
 
 def _check_jpeg(data: bytes, meta: dict[str, Any]) -> str | None:
@@ -59,7 +60,7 @@ def _verify_shard(out: Path, rec: dict[str, Any]) -> tuple[list[str], list[str]]
     try:
         # One pass over the tar: rebuild its index from the headers (the same grouping as
         # `index_from_tar`) and check each sample as it comes, so memory stays at one sample.
-        with tarfile.open(tar, "r:") as tf:
+        with open_regular(tar) as f, tarfile.open(fileobj=f, mode="r:") as tf:
             for key, members in group_samples(_reported_others(tf, name, problems)):
                 keys.append(key)
                 index.append(sample_entry(members))
@@ -73,7 +74,7 @@ def _verify_shard(out: Path, rec: dict[str, Any]) -> tuple[list[str], list[str]]
     else:
         if "index_sha256" in rec and file_sha256(idx) != rec["index_sha256"]:
             problems.append(f"{idx.name}: sha256 does not match the manifest")
-        if idx.read_bytes() != render_index(index):
+        if read_bytes(idx) != render_index(index):
             problems.append(f"{idx.name}: does not match the member offsets of {name}")
     if len(keys) != rec["samples"]:
         problems.append(f"{name}: {len(keys)} samples, manifest says {rec['samples']}")

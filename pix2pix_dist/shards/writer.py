@@ -45,11 +45,12 @@ class TarShard:
         self.idx_path = tar_path.with_name(index_name(tar_path.name))
         self.tmp = tar_path.with_name(tar_path.name + ".tmp")
         self.idx_tmp = self.idx_path.with_name(self.idx_path.name + ".tmp")
-        self._f = open(self.tmp, "wb")
+        self._f = open(self.tmp, "xb")  # never over a file of someone else's (build.py refuses those)
         self._sha = hashlib.sha256()
         self.offset = 0
         self.samples = 0
         self._index: list[list[str]] = []
+        self._made_index = False
 
     def _write(self, b: bytes) -> None:
         self._f.write(b)
@@ -78,7 +79,8 @@ class TarShard:
         os.fsync(self._f.fileno())
         self._f.close()
         index = render_index(self._index)
-        with open(self.idx_tmp, "wb") as f:
+        with open(self.idx_tmp, "xb") as f:
+            self._made_index = True
             f.write(index)
             f.flush()
             os.fsync(f.fileno())
@@ -103,4 +105,5 @@ class TarShard:
             self._f.close()
         finally:
             self.tmp.unlink(missing_ok=True)
-            self.idx_tmp.unlink(missing_ok=True)
+            if self._made_index:  # only files this shard created
+                self.idx_tmp.unlink(missing_ok=True)
