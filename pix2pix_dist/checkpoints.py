@@ -31,8 +31,9 @@ import torch
 
 from .atomic import atomic_write, file_sha256, fsync_dir
 from .export import EXPORT_NAME, export_generator, generator_meta
+from .errors import UserError
 from .files import read_text
-from .ranks import RankError, agree, all_gather
+from .ranks import agree, all_gather
 
 if TYPE_CHECKING:
     from .config import Config
@@ -46,7 +47,7 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 
 
-class CheckpointError(RankError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be written or used, reported as one line."""
 
 

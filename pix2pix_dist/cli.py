@@ -18,14 +18,19 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 # tyro frames its messages with box-drawing characters; a rule (─) starts the help part.
 _FRAME = re.compile(r"[\u2500-\u257f]")
 
 
-class CliError(ValueError):
-    """A command-line problem, reported to the user as one line."""
+class CliError(UserError):
+    """A command-line problem, reported to the user as one line (by rank 0: every rank reads the
+    same command line)."""
+
+    all_ranks = True
 
 
 def expand_key_values(argv: Sequence[str], aliases: Mapping[str, str] = {}) -> list[str]:

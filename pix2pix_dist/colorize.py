@@ -29,7 +29,8 @@ from PIL import Image
 
 from .atomic import atomic_write
 from .cli import CliError, parse
-from .export import ExportError, GeneratorExport, NormMode, load_export
+from .errors import run_main
+from .export import GeneratorExport, NormMode, load_export
 from .imageio import DEFAULT_MAX_PIXELS, Skip, display_name, find_image_files, load_rgb
 from .inference import GeometryError, compose, image_seed, model_input, predict_ab
 
@@ -185,12 +186,8 @@ def run(opts: ColorizeOptions) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(parse(ColorizeOptions, argv, prog="pix2pix-colorize",
-                         description=__doc__.split("\n\n")[0]))
-    except (CliError, ExportError, OSError) as exc:  # OSError: e.g. a full disk; written files stay
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(lambda: run(parse(ColorizeOptions, argv, prog="pix2pix-colorize",
+                                      description=__doc__.split("\n\n")[0])))
 
 
 if __name__ == "__main__":

@@ -30,11 +30,15 @@ from tyro.constructors import PrimitiveConstructorSpec
 
 from .atomic import atomic_write
 from .cli import CliError, expand_key_values, parse
+from .errors import UserError
 from .files import read_text
 
 
-class ConfigError(ValueError):
-    """A configuration problem, reported to the user as one line."""
+class ConfigError(UserError):
+    """A configuration problem, reported to the user as one line (by rank 0: every rank reads
+    the same configuration)."""
+
+    all_ranks = True
 
 
 def _read_bool(args: list[str]) -> bool:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .atomic import atomic_write
 from .config import Config
+from .errors import UserError
 from .imageio import first_line
 from .models import UNetGenerator
 
@@ -42,7 +43,7 @@ NORMS = ("batch", "instance", "syncbatch")
 MAX_NUM_DOWNS, MAX_NGF, MAX_CROP = 10, 256, 4096
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A generator export that cannot be used, reported as one line."""
 
 

@@ -25,12 +25,13 @@ import time
 import weakref
 from pathlib import Path
 
+from .errors import UserError
 from .files import open_fd
 
 LOCK_NAME = ".lock"
 
 
-class LockError(RuntimeError):
+class LockError(UserError):
     """The folder is held by another process; the message names the holder, on one line."""
 
 

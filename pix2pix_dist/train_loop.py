@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import itertools
 import json
 import math
@@ -32,15 +31,15 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write
 from .checkpoints import CheckpointManager, checkpoint_root
-from .config import Config, ConfigError, parse_command
+from .config import Config, parse_command
 from .data import DataError, build_loader, lab_to_rgb
 from .data.shards_index import find_shards
-from .evaluate import TrainingEval
-from .export import ExportError, generator_meta
+from .errors import UserError, rank_and_world, run_main
+from .evaluation import TrainingEval
+from .export import generator_meta
 from .gan_step import GanStep, build_networks
 from .locking import FolderLock, LockError
-from .ranks import (PARENT_DIED, RankError, agree, die_with_parent, peer_failed, rank_and_world,
-                    report_error)
+from .ranks import PARENT_DIED, agree, die_with_parent
 from .recipe import Recipe, resolve_recipe
 from .inference import inference_copy, predict_ab
 from .tracking import RunTracker, check_tracker, tracker_for
@@ -55,7 +54,7 @@ class TrainResult:
     discriminator: nn.Module
 
 
-class TrainingError(RankError):
+class TrainingError(UserError):
     """The run cannot go on (e.g. too many non-finite losses); reported as one line."""
 
 
@@ -319,59 +318,22 @@ def _show(progress, say, step: int, total: int, scalars: dict[str, float]) -> No
         progress.set_postfix_str(brief, refresh=False)
 
 
-# Files and folders can fail in these ways whatever the code does (a full disk, a read-only
-# or foreign folder): one line, exit 2. Other OSErrors are bugs and keep their traceback.
-_USER_FIXABLE_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Every failure a user can act on ends as one line (`error: [rank R] ...` from the rank that
     hit it when several run), exit code 2; errors every rank agreed on are printed by rank 0."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        rank, world = rank_and_world()
-    except ValueError as exc:  # before report_error, which needs them
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
+
+    def body() -> None:
         cfg, dry_run = parse_command(argv)
         if dry_run:  # no Accelerator: the launcher's WORLD_SIZE is the world size
+            rank, world = rank_and_world()
             recipe = recipe_for(cfg, world)
             if rank == 0:
                 print(f"{recipe.describe()}\ndry run: nothing was built or trained")
-            return 0
-        train(cfg)
-    except RankError as exc:
-        if not exc.all_ranks or rank == 0:
-            report_error(str(exc), job_wide=exc.all_ranks)
-        return 2
-    except ConfigError as exc:  # the same argv on every rank: one report is enough
-        if rank == 0:
-            report_error(str(exc), job_wide=True)
-        return 2
-    except (DataError, ExportError) as exc:
-        report_error(str(exc))
-        return 2
-    except OSError as exc:
-        if exc.errno not in _USER_FIXABLE_OS_ERRORS:
-            raise
-        report_error(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
-        return 2
-    except KeyboardInterrupt:  # a second Ctrl-C while the checkpoint was being written
-        print("interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        if world == 1 or not peer_failed(exc):
-            raise
-        # Another rank died: its own error line says why. No error file for the launcher
-        # here, so its failure summary keeps pointing at that rank's line.
-        print(f"[rank {rank}] stopped: another training process failed or was killed",
-              file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+        else:
+            train(cfg)
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

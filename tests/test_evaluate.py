@@ -19,9 +19,10 @@ from pix2pix_dist.config import build_config
 from pix2pix_dist.data.lab import uint8_to_lab
 from pix2pix_dist.data.shards_index import find_shards
 from pix2pix_dist.colorize import main as colorize_main
-from pix2pix_dist.evaluate import (NOT_COMPUTED, Evaluation, ImageResult, Tiles, TrainingEval,
-                                   best_and_worst, evaluate_samples, read_split, summary)
+from pix2pix_dist.evaluate import best_and_worst
 from pix2pix_dist.evaluate import main as evaluate_main
+from pix2pix_dist.evaluation import (NOT_COMPUTED, Evaluation, ImageResult, Tiles, TrainingEval,
+                                     evaluate_samples, read_split, summary)
 from pix2pix_dist.export import (INFERENCE_KEY, MODEL_KEY, ExportError, InferenceSettings,
                                  export_generator, generator_meta, load_export)
 from pix2pix_dist.imageio import first_line

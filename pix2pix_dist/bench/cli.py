@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ..cli import CliError, parse
-from .errors import BenchError
+from ..cli import parse
+from ..errors import run_main
 from .measure import measure_input_pipelines, measure_training, train_shards
 from .report import environment, format_report, summarize, write_results
 from .settings import BenchSettings, resolve
@@ -53,14 +53,13 @@ def run(s: BenchSettings, command: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", "pix2pix_dist.bench", *argv])
-    try:
+
+    def body() -> None:
         settings = resolve(parse(BenchSettings, argv, prog="python -m pix2pix_dist.bench",
                                  description=DESCRIPTION))
         results = run(settings, command)
-    except (BenchError, CliError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    json_path, md_path = write_results(results, Path(settings.output))
-    print("\n" + format_report(results))
-    print(f"results: {json_path} and {md_path}")
-    return 0
+        json_path, md_path = write_results(results, Path(settings.output))
+        print("\n" + format_report(results))
+        print(f"results: {json_path} and {md_path}")
+
+    return run_main(body)

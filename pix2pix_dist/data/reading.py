@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from webdataset import tariterators
 
+from .errors import DataError
 from .geometry import decode
 from .shards_index import ShardSet
 
@@ -27,7 +28,7 @@ class Segment:
     """Sample numbers [start, stop) inside the tar."""
 
 
-class DamagedShard(Exception):
+class DamagedShard(DataError):
     """A tar that cannot be read to its end (truncated, overwritten): no sample can be trusted."""
 
     def __init__(self, tar: Path, exc: BaseException) -> None:

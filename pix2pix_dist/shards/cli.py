@@ -9,8 +9,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from ..cli import CliError, parse
-from ..locking import FolderLock, LockError
+from ..cli import parse
+from ..errors import run_main
+from ..locking import FolderLock
 from ..shard_format import SPLITS
 from .build import build_shards
 from .errors import ShardError
@@ -101,20 +102,18 @@ def _verify(out: Path, workers: int | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        opts = parse(ShardOptions, sys.argv[1:] if argv is None else argv, prog="pix2pix-shards",
-                     description=DESCRIPTION)
-        if opts.verify and opts.source is None:
-            if opts.output is None:
-                raise ShardError("--verify without --source checks an existing folder: give --output DIR")
-            return _verify(opts.output, opts.workers)
-        t0 = time.perf_counter()
-        manifest = build_shards(opts)
-        print(_summary(manifest, time.perf_counter() - t0))
-        return _verify(Path(manifest["args"]["output"]), opts.workers) if opts.verify else 0
-    except (ShardError, CliError, LockError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: complete shards are kept; run the same command again to resume", file=sys.stderr)
-        return 130
+    return run_main(lambda: _run(sys.argv[1:] if argv is None else argv),
+                    interrupted="interrupted: complete shards are kept; run the same command "
+                                "again to resume")
+
+
+def _run(argv: list[str]) -> int:
+    opts = parse(ShardOptions, argv, prog="pix2pix-shards", description=DESCRIPTION)
+    if opts.verify and opts.source is None:
+        if opts.output is None:
+            raise ShardError("--verify without --source checks an existing folder: give --output DIR")
+        return _verify(opts.output, opts.workers)
+    t0 = time.perf_counter()
+    manifest = build_shards(opts)
+    print(_summary(manifest, time.perf_counter() - t0))
+    return _verify(Path(manifest["args"]["output"]), opts.workers) if opts.verify else 0
