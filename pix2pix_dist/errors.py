@@ -37,7 +37,8 @@ class UserError(Exception):
 
 
 # Files and folders can fail in these ways whatever the code does (a full disk, a read-only,
-# foreign or missing folder, a FIFO where a file belongs): one line, exit 2. Other OSErrors are bugs and keep their traceback.
+# foreign or missing folder, a FIFO where a file belongs): one line, exit 2. Other OSErrors are
+# bugs and keep their traceback.
 USER_FIXABLE_OS_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
                                     errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
                                     errno.EEXIST, errno.ENAMETOOLONG})
