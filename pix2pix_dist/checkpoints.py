@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .atomic import atomic_write, file_sha256, fsync_dir
+from .config import RENAMED_NORMS
 from .export import EXPORT_NAME, export_generator, generator_meta
 from .errors import UserError
 from .files import read_text
@@ -357,7 +358,9 @@ class CheckpointManager:
     def _check_same_model(self, state: dict[str, Any], path: Path) -> None:
         """Refuse a checkpoint whose model settings differ, including settings that were added
         or removed since it was saved (its weights may not mean the same thing)."""
-        saved, current = state.get("model", {}), self.model
+        saved, current = dict(state.get("model", {})), self.model
+        if isinstance(saved.get("norm"), str):  # the same model under an old name
+            saved["norm"] = RENAMED_NORMS.get(saved["norm"], saved["norm"])
         changes = []
         for key in sorted(saved.keys() | current.keys()):
             if key not in current:

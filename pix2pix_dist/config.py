@@ -67,6 +67,13 @@ BoolValue = _bool_option(1, "{true,false}")
 FlagValue = _bool_option((0, 1), "[{true,false}]")
 
 
+Norm = Literal["batch", "batch_local", "instance"]
+"""model.norm's choices; models.norm_layer builds them (docs/design.md, "BatchNorm over the
+recipe's batch")."""
+RENAMED_NORMS = {"syncbatch": "batch"}
+"""Old model.norm names in config files, checkpoints and exports -> today's name."""
+
+
 @dataclass
 class DataConfig:
     shards: str = "shards/coco"
@@ -114,8 +121,12 @@ class ModelConfig:
     """Discriminator filters in the first layer (pix2pix: 64)."""
     d_layers: int = 3
     """Discriminator stride-2 layers: 3 gives the 70x70 PatchGAN."""
-    norm: Literal["batch", "instance", "syncbatch"] = "batch"
-    """Normalisation: `batch`, `instance` or `syncbatch` (BatchNorm synchronised across processes)."""
+    norm: Norm = "batch"
+    """Normalisation: `batch`: BatchNorm over the global batch, i.e. statistics over every
+    process's images (cross-process when there is more than one; the recipe's math on any
+    number of processes); `batch_local`: BatchNorm over each process's own images (no
+    communication, but the statistics change with the number of processes); `instance`:
+    InstanceNorm. (`syncbatch`, the old name of `batch`, is read from old config files.)"""
     dropout: BoolValue = True
     """Dropout 0.5 in the three innermost 512-channel generator blocks (pix2pix's noise)."""
 
@@ -315,12 +326,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Source: Isola et al., "Image-to-Image Translation with Conditional Adversarial Networks"
     # (CVPR 2017) and its reference code (junyanz/pytorch-CycleGAN-and-pix2pix, options/
-    # base_options.py and train_options.py): resize to 286 + random crop 256, flip, batch 1,
-    # Adam 2e-4 (0.5, 0.999), lambda_L1 100, n_epochs 100 at constant lr + n_epochs_decay 100
-    # decaying linearly (ours reaches exactly 0 at the last step; the reference stops at 1/101),
-    # fp32, and test-time BatchNorm on batch statistics with dropout (no --eval).
+    # base_options.py and train_options.py, data/base_dataset.py): `resize_and_crop`, i.e.
+    # Resize([286, 286], BICUBIC) (a square squash) + RandomCrop(256), flip, batch 1, Adam 2e-4
+    # (0.5, 0.999), lambda_L1 100, n_epochs 100 at constant lr + n_epochs_decay 100 decaying
+    # linearly, fp32, and test-time BatchNorm on batch statistics with dropout (no --eval).
+    # Deviations (README's preset table): the lr decays per step and reaches exactly 0 (the
+    # reference: per epoch, ending at 1/101); the test view takes the centre crop (the
+    # reference's test crop is random); shards are shuffled and grayscale photos dropped.
     "paper": {
-        "data.global_batch": 1, "data.resize": "shorter_side", "data.load_size": 286,
+        "data.global_batch": 1, "data.resize": "square", "data.load_size": 286,
         "data.crop_size": 256, "data.flip": True, "optim.lr": 2e-4, "optim.reference_batch": 1,
         "optim.lambda_l1": 100.0, "optim.decay_fraction": 0.5, "train.epochs": 200.0,
         "train.mixed_precision": "no", "eval.norm_mode": "batch", "log.every": 200,
@@ -328,11 +342,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Ours (no external source): a throughput recipe for full COCO train2017 (`make shards
     # SOURCE=.../train2017.zip RESIZE=286`): global batch 512 (64 per GPU on 8 GPUs), compiled,
-    # pix2pix's geometry and schedule, the tutorial's lr kept unscaled as large-batch GANs usually
-    # are. Untuned: a starting point for throughput work, not a quality claim.
+    # aspect-preserving geometry (shorter side 286 + crop 256), pix2pix's schedule, the
+    # tutorial's lr kept unscaled as large-batch GANs usually are. BatchNorm per process
+    # (`batch_local`, 64 images per GPU on 8): a stated choice, no per-layer communication.
+    # Untuned: a starting point for throughput work, not a quality claim.
     "coco": {
         "data.shards": "shards/train2017", "data.global_batch": 512, "optim.lr": 2e-4,
-        "optim.reference_batch": 512, "train.epochs": 100.0, "train.compile": True,
+        "optim.reference_batch": 512, "model.norm": "batch_local", "train.epochs": 100.0,
+        "train.compile": True,
         "log.every": 100, "log.sample_every": 2000, "ckpt.every": 5000, "run_dir": "runs/coco",
     },
     # Ours: what `make train` runs without a GPU: unet_128 on the bundled sample shards (9 train
@@ -376,6 +393,8 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     typ = hints.get(name)
     if typ is None or dataclasses.is_dataclass(typ):
         raise ConfigError(f"unknown config key {key!r} (see --help for the list)")
+    if key == "model.norm" and isinstance(value, str):  # an old config.json: a renamed choice
+        value = RENAMED_NORMS.get(value, value)
     if typing.get_origin(typ) is Literal:
         ok = value in typing.get_args(typ)
         expected = " or ".join(repr(choice) for choice in typing.get_args(typ))

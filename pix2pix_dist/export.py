@@ -25,7 +25,7 @@ from safetensors.torch import save
 from torch import nn
 
 from .atomic import atomic_write
-from .config import Config
+from .config import RENAMED_NORMS, Config, Norm
 from .errors import UserError
 from .imageio import first_line
 from .models import UNetGenerator
@@ -37,7 +37,6 @@ INFERENCE_KEY = "pix2pix_dist.inference"
 
 NormMode = Literal["batch", "eval"]
 ResizeMode = Literal["shorter_side", "square"]
-NORMS = ("batch", "instance", "syncbatch")
 # Bounds on crafted metadata: a generator this large would not fit any GPU anyway, and an
 # unchecked ngf or num_downs would make the constructor allocate without limit.
 MAX_NUM_DOWNS, MAX_NGF, MAX_CROP = 10, 256, 4096
@@ -56,6 +55,10 @@ class InferenceSettings:
     """The training geometry (config.DataConfig.resize) that inference reproduces."""
     crop_size: int = 256
     """The training crop: inference scales the shorter side (or both sides) to this."""
+    load_size: int = 0
+    """The training resize before the crop (config.DataConfig.load_size): the training-resolution
+    view (inference.training_view) resizes to it and takes the centre crop. 0 (exports written
+    before it was recorded): the crop size."""
     step: int = 0
     """Training step at which the export was written (0 when unknown)."""
 
@@ -73,7 +76,8 @@ def generator_meta(cfg: Config, step: int) -> dict[str, dict[str, Any]]:
     model = {"in_channels": 1, "out_channels": 2, "num_downs": m.num_downs, "ngf": m.ngf,
              "norm": m.norm, "dropout": m.dropout}
     settings = InferenceSettings(norm_mode=cfg.eval.norm_mode, resize=cfg.data.resize,
-                                 crop_size=cfg.data.crop_size, step=step)
+                                 crop_size=cfg.data.crop_size, load_size=cfg.data.load_size,
+                                 step=step)
     return {"model": model, "inference": dataclasses.asdict(settings)}
 
 
@@ -173,11 +177,12 @@ def _model_args(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         "out_channels": raw["out_channels"] == 2 and _is_int(raw["out_channels"]),
         "num_downs": _is_int(raw["num_downs"]) and 5 <= raw["num_downs"] <= MAX_NUM_DOWNS,
         "ngf": _is_int(raw["ngf"]) and 1 <= raw["ngf"] <= MAX_NGF,
-        "norm": raw["norm"] in NORMS,
+        "norm": isinstance(raw["norm"], str) and (raw["norm"] in get_args(Norm)
+                                                  or raw["norm"] in RENAMED_NORMS),
         "dropout": isinstance(raw["dropout"], bool),
     }
     _check(path, "model", checks, raw)
-    return dict(raw)
+    return dict(raw, norm=RENAMED_NORMS.get(raw["norm"], raw["norm"]))
 
 
 def _settings(raw: dict[str, Any], num_downs: int, path: Path) -> InferenceSettings:
@@ -191,6 +196,8 @@ def _settings(raw: dict[str, Any], num_downs: int, path: Path) -> InferenceSetti
         "resize": settings.resize in get_args(ResizeMode),
         "crop_size": (_is_int(settings.crop_size) and step <= settings.crop_size <= MAX_CROP
                       and settings.crop_size % step == 0),
+        "load_size": (_is_int(settings.load_size) and (settings.load_size == 0 or (
+            _is_int(settings.crop_size) and settings.crop_size <= settings.load_size <= MAX_CROP))),
         "step": _is_int(settings.step) and settings.step >= 0,
     }
     _check(path, "inference", checks, vars(settings))

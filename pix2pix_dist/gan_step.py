@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import Config, ConfigError, OptimConfig
+from .config import Config, OptimConfig
+from .global_batchnorm import convert_to_global_batchnorm
 from .losses import d_loss, g_gan_loss, l1_loss
 from .models import PatchDiscriminator, UNetGenerator, init_weights
 
@@ -50,12 +51,9 @@ def build_networks(cfg: Config, accelerator,
     D_raw = PatchDiscriminator(3, ndf=m.ndf, n_layers=m.d_layers, norm=m.norm)
     init_weights(G_raw)
     init_weights(D_raw)
-    if m.norm == "syncbatch" and world > 1:
-        if device.type != "cuda":
-            raise ConfigError("model.norm=syncbatch needs GPUs (torch's SyncBatchNorm has no CPU "
-                              "kernel); use model.norm=batch")
-        G_raw = nn.SyncBatchNorm.convert_sync_batchnorm(G_raw)
-        D_raw = nn.SyncBatchNorm.convert_sync_batchnorm(D_raw)
+    if m.norm == "batch" and world > 1:  # statistics over the global batch (global_batchnorm.py)
+        G_raw = convert_to_global_batchnorm(G_raw, device)
+        D_raw = convert_to_global_batchnorm(D_raw, device)
     if memory_format is None:
         memory_format = torch.channels_last if (cfg.train.channels_last and device.type == "cuda") \
             else torch.contiguous_format

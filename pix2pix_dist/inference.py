@@ -3,9 +3,11 @@
 Used by colorize, evaluate and the training loop's sample grids and evaluation; the reasons for
 each rule are in docs/design.md ("Evaluation and inference").
 
-- Geometry: training resizes the shorter side and crops (`shorter_side`) or squashes the whole
-  image (`square`). Inference scales the shorter side to the training crop size keeping the
-  aspect ratio (or squashes, for `square`), reflect-pads the long side to a multiple of
+- Geometry: training resizes the shorter side (`shorter_side`) or squashes the whole image
+  (`square`) to the load size, then crops. The training-resolution view (evaluation, sample
+  grids) is validation's: the same resize, the centre crop. At full resolution, inference
+  scales the shorter side to the training crop size keeping the aspect ratio (or squashes, for
+  `square`: the whole photo, not a crop), reflect-pads the long side to a multiple of
   2**num_downs, predicts ab, drops the padding, resizes ab to the input's full resolution and
   combines it with the input's own full-resolution L.
 - Norm mode: `eval` runs BatchNorm on its running statistics without dropout, batched;
@@ -79,9 +81,9 @@ def predict_ab(generator: nn.Module, L: Tensor, mode: NormMode, seeds: Sequence[
 
 def training_view(rgb: Tensor, settings: InferenceSettings) -> Tensor:
     """What validation batches show the network: uint8 (3,H,W) -> uint8 (3,S,S), S = crop size
-    (the torch input pipeline's own validation transform)."""
+    (the input pipelines' own validation transform: training's resize, the centre crop)."""
     size = settings.crop_size
-    view = Augment(crop_size=size, load_size=size, train=False, flip=False,
+    view = Augment(crop_size=size, load_size=settings.load_size or size, train=False, flip=False,
                    random_resized_crop=False, rrc_min_scale=1.0, resize=settings.resize)
     return view(rgb, random.Random(0))  # validation draws nothing from the generator
 

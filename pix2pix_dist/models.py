@@ -14,9 +14,10 @@ from torch import nn
 def norm_layer(kind: str, channels: int) -> nn.Module:
     """BatchNorm (affine, running stats) or InstanceNorm (no affine, no stats), as in pix2pix.
 
-    `syncbatch` builds plain BatchNorm here; the training loop converts it to SyncBatchNorm
-    once a process group exists (conversion needs one, and single-process runs need none)."""
-    if kind in ("batch", "syncbatch"):
+    `batch` and `batch_local` both build plain BatchNorm: they differ only with more than one
+    process, where the training loop makes `batch` layers cross-process (global_batchnorm.py;
+    that needs a process group, and inference copies run on one process)."""
+    if kind in ("batch", "batch_local"):
         return nn.BatchNorm2d(channels)
     if kind == "instance":
         return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)

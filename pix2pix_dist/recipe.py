@@ -32,6 +32,8 @@ class Recipe:
     """Peak learning rate after optim.lr_scaling."""
     lr_rule: str
     """How `lr` was obtained, for the log."""
+    norm_rule: str
+    """Which images each normalisation layer's statistics cover (model.norm), for the log."""
 
     @property
     def epochs(self) -> float:
@@ -53,7 +55,7 @@ class Recipe:
         return (f"recipe: global batch {self.global_batch} = {self.batch_per_process}/process x "
                 f"{self.world_size} process(es); {self.steps} steps = {self.epochs:g} epochs of "
                 f"{self.train_images} train images ({self.steps_per_epoch} steps/epoch); "
-                f"lr {self.lr:.6g} ({self.lr_rule}); {schedule}")
+                f"lr {self.lr:.6g} ({self.lr_rule}); {schedule}; {self.norm_rule}")
 
 
 def resolve_recipe(cfg: Config, world_size: int, train_images: int) -> Recipe:
@@ -90,4 +92,17 @@ def resolve_recipe(cfg: Config, world_size: int, train_images: int) -> Recipe:
     if o.lr_scaling != "none":
         lr_rule += f": x {factor:.4g}"
     return Recipe(world_size, global_batch, per_process, train_images, steps_per_epoch, steps,
-                  decay_steps, o.lr * factor, lr_rule)
+                  decay_steps, o.lr * factor, lr_rule, _norm_rule(cfg.model.norm, global_batch,
+                                                                 per_process, world_size))
+
+
+def _norm_rule(norm: str, global_batch: int, per_process: int, world_size: int) -> str:
+    """model.norm in words: whose images the statistics cover on this world size."""
+    if norm == "instance":
+        return "InstanceNorm (each image alone)"
+    if world_size == 1:
+        return f"BatchNorm over the batch ({global_batch} images)"
+    if norm == "batch":
+        return f"BatchNorm over the global batch ({global_batch} images, cross-process)"
+    return (f"BatchNorm per process ({per_process} images each; model.norm=batch_local, "
+            f"not the global batch of {global_batch})")

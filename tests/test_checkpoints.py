@@ -147,6 +147,13 @@ def test_model_settings_that_changed_appeared_or_vanished_are_refused(tmp_path, 
     assert "model.dropout is no longer a setting (checkpoint: True)" in str(info.value)
 
 
+def test_a_checkpoint_of_the_old_syncbatch_name_resumes_as_batch(tmp_path, accelerator):
+    old = manager(tmp_path, accelerator)
+    old.model = {**old.model, "norm": "syncbatch"}  # model.norm=batch's name until issue 16
+    old.save(2, nonfinite=0)
+    manager(tmp_path, accelerator).resume("auto", seed=0)  # the same model: not refused
+
+
 def test_another_global_batch_is_refused(tmp_path, accelerator):
     manager(tmp_path, accelerator).save(2, nonfinite=0)
     bigger = tiny_config()

@@ -20,7 +20,21 @@ def test_presets_resolve_and_validate():
     assert tutorial.optim.decay_fraction == 0 and tutorial.train.mixed_precision == "bf16"
     paper = build_config("paper")
     assert (paper.data.global_batch, paper.train.epochs, paper.optim.decay_fraction) == (1, 200, 0.5)
-    assert paper.eval.norm_mode == "batch" and paper.data.resize == "shorter_side"
+    assert paper.eval.norm_mode == "batch"
+    # the reference's resize_and_crop: a 286x286 squash, then the 256 crop
+    assert (paper.data.resize, paper.data.load_size, paper.data.crop_size) == ("square", 286, 256)
+    # BatchNorm over the recipe's batch; the throughput preset's per-process choice is stated
+    assert tutorial.model.norm == paper.model.norm == "batch"
+    assert build_config("coco").model.norm == "batch_local"
+
+
+def test_old_config_files_name_global_batchnorm_syncbatch(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"model": {"norm": "syncbatch"}}))
+    assert build_config(config_file=str(path)).model.norm == "batch"
+    with pytest.raises(ConfigError, match="model.norm: expected 'batch' or 'batch_local' or "
+                                          "'instance', got 'group'"):
+        build_config(overrides=[("model.norm", "group")])
 
 
 @pytest.mark.parametrize("args", [

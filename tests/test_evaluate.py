@@ -241,6 +241,7 @@ GOOD_MODEL = {"in_channels": 1, "out_channels": 2, "num_downs": 6, "ngf": 8, "no
     ({**GOOD_MODEL, "norm": "__import__('os')"}, None, "norm"),
     (GOOD_MODEL, {"norm_mode": "train"}, "norm_mode"),
     (GOOD_MODEL, {"crop_size": 100}, "crop_size"),
+    (GOOD_MODEL, {"crop_size": 64, "load_size": 32}, "load_size"),  # below the crop
     (GOOD_MODEL, {"crop_size": 64, "shell": "rm"}, "unknown inference metadata"),
     ({**GOOD_MODEL, "ngf": 16}, None, "tensor"),  # metadata disagrees with the weights' shapes
 ])
@@ -276,6 +277,13 @@ def test_exports_without_inference_metadata_load_with_defaults(tmp_path):
                       GOOD_MODEL)
     settings = load_export(path).settings
     assert settings == InferenceSettings(norm_mode="eval", resize="shorter_side", crop_size=64, step=0)
+
+
+def test_an_export_of_the_old_syncbatch_name_loads_with_batchnorm(tmp_path):
+    path = _write_raw(tmp_path / "old.safetensors", UNetGenerator(num_downs=6, ngf=8).state_dict(),
+                      {**GOOD_MODEL, "norm": "syncbatch"}, {"crop_size": 64})
+    generator = load_export(path).generator
+    assert any(type(m) is torch.nn.BatchNorm2d for m in generator.modules())
 
 
 def test_run_without_shards_is_a_one_line_error(tmp_path, capsys):

@@ -1,9 +1,13 @@
-"""Architecture, init and losses: the pix2pix numbers, exactly."""
+"""Architecture, init, losses and the global BatchNorm layer: the pix2pix numbers, exactly."""
+
+import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from pix2pix_dist.global_batchnorm import GlobalBatchNorm2d, convert_to_global_batchnorm
 from pix2pix_dist.losses import d_loss, g_gan_loss, l1_loss
 from pix2pix_dist.models import PatchDiscriminator, UNetGenerator, count_parameters, init_weights
 
@@ -85,3 +89,46 @@ def test_vanilla_loss_values():
     assert torch.isclose(l1_loss(torch.ones(3), torch.zeros(3)), torch.tensor(1.0))
     with pytest.raises(ValueError):
         d_loss("wgan", zeros, zeros)
+
+
+@pytest.fixture
+def gloo_group_of_one(tmp_path):
+    """A real gloo process group with this process alone: the all-reduce runs, and sums over
+    one process, so GlobalBatchNorm2d must equal BatchNorm2d (2 processes: test_recipes.py)."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
+                            rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("momentum, dtype, tol", [(0.1, torch.float32, 1e-5),
+                                                  (None, torch.float32, 1e-5),
+                                                  (0.1, torch.bfloat16, 2e-2)])
+def test_global_batchnorm_is_batchnorm_on_one_process(gloo_group_of_one, momentum, dtype, tol):
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(6, momentum=momentum)
+    init_weights(ref)
+    nn.init.normal_(ref.bias, 0.0, 0.5)
+    ours = convert_to_global_batchnorm(nn.Sequential(copy.deepcopy(ref)), torch.device("cpu"))[0]
+    assert type(ours) is GlobalBatchNorm2d
+    for step in range(3):  # running statistics follow torch's rule, step after step
+        x = (torch.randn(4, 6, 5, 7) * 3 + 2).to(dtype).requires_grad_()
+        x_ours = x.detach().clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y_ref, y_ours = ref(x), ours(x_ours)
+        assert y_ours.dtype == y_ref.dtype
+        weights = torch.randn(y_ref.shape)  # a loss that is not symmetric in the batch
+        (y_ref.float() * weights).sum().backward()
+        (y_ours.float() * weights).sum().backward()
+        torch.testing.assert_close(y_ours.float(), y_ref.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(x_ours.grad.float(), x.grad.float(), rtol=tol, atol=tol)
+        for name in ("weight", "bias"):
+            torch.testing.assert_close(getattr(ours, name).grad, getattr(ref, name).grad,
+                                       rtol=tol, atol=tol * 10)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=tol, atol=tol)
+    ref.eval(), ours.eval()
+    x = torch.randn(2, 6, 3, 3)
+    torch.testing.assert_close(ours(x), ref(x))  # eval: running statistics, no communication
+    plain = nn.BatchNorm2d(6)
+    plain.load_state_dict(ours.state_dict())  # checkpoints and exports load into BatchNorm

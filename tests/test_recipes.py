@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from accelerate import Accelerator
 from PIL import Image
 from torchvision.io import decode_jpeg
 
+from batchnorm_worker import two_steps
 from conftest import REPO, clean_env, free_port, run_python
 from pix2pix_dist.config import ConfigError, build_config, parse_args
 from pix2pix_dist.data import build_loader
@@ -205,3 +207,38 @@ def test_resume_on_another_world_size_keeps_the_global_batch_or_refuses(tmp_path
         f"error: {run_dir / 'checkpoints' / 'step-00000100'} was trained with a global batch of 16, "
         f"this run's is 4 (4/process x 1); resuming would change the recipe. Set "
         f"data.global_batch=16 without data.batch_size, or use a new run_dir")
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm()) if b.norm() else float((a - b).norm())
+
+
+@pytest.mark.slow  # two gloo processes, and unet_256 at 256x256
+def test_batchnorm_covers_the_global_batch_on_two_processes(tmp_path):
+    """The tutorial's first steps from 1 process x 16 images and from 2 gloo processes x 8:
+    with model.norm=batch the gradients and the weights after 2 steps are the same; with
+    per-process statistics (batch_local) they are not (the images of the two halves differ)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "tests/batchnorm_worker.py",
+         str(tmp_path)], cwd=REPO, env=clean_env(PYTHONPATH=f"{REPO}:{REPO / 'tests'}"),
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [view["world"] for view in ranks] == [2, 2]
+    one = two_steps(Accelerator(cpu=True), "batch")  # 1 process: plain BatchNorm over 16
+
+    def worst(view: dict, what: str) -> float:
+        return max(_relative(view[what][k], one[what][k])
+                   for k in one[what] if one[what][k].is_floating_point())
+
+    for rank in ranks:
+        glob, local = rank["batch"], rank["batch_local"]
+        assert glob["grads"].keys() == one["grads"].keys() and len(one["grads"]) > 20
+        assert worst(glob, "grads") < 1e-5 and worst(glob, "state") < 1e-5  # buffers included
+        assert worst(local, "grads") > 1e-2 and worst(local, "state") > 1e-2
+        # the weights moved: the comparison after 2 steps is not of the initial weights
+        assert all(not torch.equal(glob["state"][k], glob["init"][k]) for k in glob["grads"])
+    # Global statistics: both ranks hold the same running statistics (D's are not broadcast).
+    assert all(torch.equal(ranks[0]["batch"]["state"][k], ranks[1]["batch"]["state"][k])
+               for k in one["state"])

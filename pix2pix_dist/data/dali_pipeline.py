@@ -79,8 +79,9 @@ def build_pipeline(shards: ShardSet, cfg: DataConfig, *, train: bool, rank: int,
             crop = dict()
         else:
             images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
-            side = cfg.load_size if train else size
-            # Bicubic, as pix2pix's and the tutorial's PIL resizes; square: the tutorial's squash.
+            # Bicubic, as pix2pix's and the tutorial's PIL resizes; square: their squash.
+            # Validation resizes the same way and takes the centre crop (geometry.Augment).
+            side = cfg.load_size
             shape = dict(size=[side, side]) if cfg.resize == "square" else dict(resize_shorter=side)
             images = fn.resize(images, interp_type=types.INTERP_CUBIC, antialias=True, **shape)
             crop = dict(crop=(size, size))

@@ -21,8 +21,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 class Augment:
     """pix2pix augmentation for one sample, on CPU or CUDA uint8 (3,H,W) tensors, with the same
     geometry as dali_pipeline.py: training resizes (`resize` below) to load_size and takes a
-    random S x S crop (or a random-resized crop), then flips; validation resizes to S and takes
-    the centre S x S (all of a `square` image)."""
+    random S x S crop (or a random-resized crop), then flips; validation resizes the same way
+    and takes the centre S x S crop, without a flip (the pix2pix reference's test view, whose
+    crop is random; a `square` image with load_size = S is shown whole)."""
 
     crop_size: int
     load_size: int
@@ -34,8 +35,8 @@ class Augment:
 
     def __call__(self, img: torch.Tensor, rng: random.Random) -> torch.Tensor:
         size = self.crop_size
-        if not self.train:  # the whole image (square) or its centre, at S x S
-            return TF.center_crop(resize(img, size, self.resize), [size, size]).contiguous()
+        if not self.train:  # training's resize, then the centre crop
+            return TF.center_crop(resize(img, self.load_size, self.resize), [size, size]).contiguous()
         if self.random_resized_crop:
             top, left, h, w = self._rrc_window(img.shape[-2], img.shape[-1], rng)
             img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
