@@ -61,9 +61,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in root.iterdir() if p.is_dir() and folder_step(p) is not None]
+    return sorted(found, key=folder_step)
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
@@ -71,13 +70,24 @@ def _file_entry(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
+def folder_step(path: Path) -> int | None:
+    """N of a `step-N` folder name; None for another name (a checkpoint the user moved)."""
+    digits = Path(path).name[len(PREFIX):]
+    return int(digits) if Path(path).name.startswith(PREFIX) and digits.isdigit() else None
+
+
 def verify_checkpoint(path: Path) -> None:
     """Raise CheckpointError unless every file the manifest lists has its recorded size and
-    sha256 (sizes first: a truncated file is found without reading it)."""
+    sha256 (sizes first: a truncated file is found without reading it), and a `step-N` folder's
+    manifest is that of step N (a copied or renamed folder would resume at the wrong step)."""
     path = Path(path)
     try:
         manifest = json.loads(read_text(path / MANIFEST))
         files = manifest["files"]
+        named = folder_step(path)
+        if named is not None and manifest["step"] != named:
+            raise CheckpointError(f"the folder is named for step {named} but holds step "
+                                  f"{manifest['step']!r} (copied or renamed?)")
         if "state.pt" not in files:
             raise CheckpointError(f"{path / MANIFEST} lists no state.pt")
         for name, entry in files.items():
@@ -171,6 +181,8 @@ class CheckpointManager:
         self.main = accelerator.is_main_process
         self.resumed_from: Path | None = None
         """The checkpoint `resume` restored, if any."""
+        self.last_good: Path | None = None
+        """The newest checkpoint this run saved or resumed from: both are checked finite."""
 
     # --- what a checkpoint holds --------------------------------------------------------------
     def _state(self, step: int, nonfinite: int) -> dict[str, Any]:
@@ -193,24 +205,29 @@ class CheckpointManager:
         return int(state["step"]), int(state["nonfinite"])
 
     def advice(self) -> str:
-        # Only finite, complete checkpoints are ever written: the newest is the last good one.
-        existing = list_checkpoints(self.run_dir)
-        if not existing:
+        # Only what this run saved or resumed from is known to be finite: a checkpoint that was
+        # merely found in the folder is never called good.
+        if self.last_good is None:
             return "no checkpoint was saved; lower optim.lr and start again"
-        return (f"the last good checkpoint is {existing[-1]}; lower optim.lr and run again to "
+        return (f"the last good checkpoint is {self.last_good}; lower optim.lr and run again to "
                 f"resume from it")
 
-    def check_finite(self, step: int) -> None:
-        """Collective: stop (CheckpointError on every rank) when a weight, an optimizer moment
-        or one of G's BatchNorm statistics (inference uses them) is NaN/inf. D's statistics are
-        left out: D always runs in training mode, so they are never used, and a non-finite
-        loss (a skipped step) leaves them NaN. Every rank checks: statistics are per rank."""
+    def _nonfinite(self) -> str | None:
+        """The NaN/inf weights, optimizer moments or G BatchNorm statistics (inference uses
+        them), as 'G.x, D.y and 3 more'; None when all are finite. D's statistics are left out:
+        D always runs in training mode, so they are never used, and a non-finite loss (a
+        skipped step) leaves them NaN."""
         bad = nonfinite_entries({"G": self.nets.G_raw.state_dict(),
                                  "D": dict(self.nets.D_raw.named_parameters()),
                                  "opt_G": self.nets.opt_G.state_dict()["state"],
                                  "opt_D": self.nets.opt_D.state_dict()["state"]})
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        agree(f"weights are not finite at step {step} ({shown}); nothing saved: "
+        return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else None
+
+    def check_finite(self, step: int) -> None:
+        """Collective: stop (CheckpointError on every rank) when any state `_nonfinite` checks is
+        NaN/inf. Every rank checks: statistics are per rank."""
+        bad = self._nonfinite()
+        agree(f"weights are not finite at step {step} ({bad}); nothing saved: "
               f"{self.advice()}" if bad else None, CheckpointError)
 
     # --- save ---------------------------------------------------------------------------------
@@ -259,6 +276,7 @@ class CheckpointManager:
         if error is not None and self.main:
             shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not keep a partial copy
         agree(error, CheckpointError)
+        self.last_good = final
         return final
 
     # --- resume -------------------------------------------------------------------------------
@@ -280,12 +298,16 @@ class CheckpointManager:
             rng_file = path / f"rng-rank{self.rank}.pt"
             rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
             counters = self._apply(state)
+            if bad := self._nonfinite():
+                raise CheckpointError(
+                    f"{path} holds non-finite values ({bad}) and cannot be resumed; move it "
+                    f"away (ckpt.resume=auto then takes the one before) or choose a new run_dir")
         except CheckpointError as exc:
             error = str(exc)
         except _LOAD_ERRORS as exc:
             error = f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]
         agree(error, CheckpointError)
-        self.resumed_from = path
+        self.resumed_from = self.last_good = path
         if rng is not None:
             set_rng_state(rng)
         else:  # resumed with more processes than saved: fresh noise for the new ranks

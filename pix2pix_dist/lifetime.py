@@ -1,5 +1,10 @@
 """A child process that ends with its parent: training ranks under a launcher, shard-writer
-workers. Standard library only, so a worker process imports nothing heavy for it."""
+workers. Standard library only, so a worker process imports nothing heavy for it.
+
+Imported by the package's __init__, so PARENT_AT_START is read within milliseconds of the
+process's start: a rank that installs its parent-death signal seconds later (after importing
+torch) can still tell that the launcher died in between (docs/design.md, "Failures, signals
+and locks")."""
 
 from __future__ import annotations
 
@@ -7,6 +12,10 @@ import ctypes
 import os
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+PARENT_AT_START = os.getppid()
+"""This process's parent when the package was first imported (before torch or any other slow
+import): the launcher that started it, unless it died in the first milliseconds."""
 
 
 def set_parent_death_signal(sig: int, parent: int) -> None:

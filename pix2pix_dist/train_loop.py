@@ -39,7 +39,7 @@ from .evaluation import TrainingEval
 from .export import generator_meta
 from .gan_step import GanStep, build_networks
 from .locking import FolderLock, LockError
-from .ranks import PARENT_DIED, agree, die_with_parent
+from .ranks import PARENT_DIED, agree, die_with_parent, reach_rendezvous
 from .recipe import Recipe, resolve_recipe
 from .inference import inference_copy, predict_ab
 from .tracking import RunTracker, check_tracker, tracker_for
@@ -156,6 +156,7 @@ def claim_run_dir(run_dir: Path, accelerator) -> Iterator[None]:
 def train(cfg: Config) -> TrainResult:
     check_tracker(cfg.log.tracker)
     die_with_parent()  # a SIGKILLed launcher must not leave this rank training on its own
+    reach_rendezvous()  # nor waiting for a rendezvous that no longer exists
     accelerator = make_accelerator(cfg)
     recipe = recipe_for(cfg, accelerator.num_processes)  # before any folder is made
     with claim_run_dir(Path(cfg.run_dir), accelerator):
@@ -193,6 +194,7 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
         return TrainResult(start_step, G_raw, D_raw)
     if main_process:
         cfg.save(run_dir / "config.json")
+        write_status(run_dir, "running", start_step)  # an earlier run's `finished` no longer holds
     tracker = RunTracker(accelerator, cfg, run_dir, resume_step=start_step, recipe=recipe)
     if ckpt.resumed_from is not None:
         say(f"resumed from {ckpt.resumed_from} at step {start_step}")
@@ -275,15 +277,21 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
         path = ckpt.save(step, nonfinite)
     progress.close()
     tracker.close()
-    if main_process:  # whether the run must be resumed, for wrappers (e.g. launch/slurm.sbatch)
-        atomic_write(run_dir / "status.json", json.dumps(
-            {"state": "stopped" if stopped else "finished", "step": step}) + "\n")
+    if main_process:
+        write_status(run_dir, "stopped" if stopped else "finished", step)
     if stopped:
         say(f"stopped by signal at step {step}; checkpoint {path}. "
             f"Run the same command again to resume (ckpt.resume=auto).")
     else:
         say(f"done: {step} steps; checkpoint {path}; generator {run_dir / 'generator.safetensors'}")
     return TrainResult(step, G_raw, D_raw)
+
+
+def write_status(run_dir: Path, state: str, step: int) -> None:
+    """run_dir/status.json, for wrappers (e.g. launch/slurm.sbatch, which requeues on `stopped`):
+    `running` from the start of the loop (and after a crash or an error), then `stopped` (by a
+    signal: resume it) or `finished`."""
+    atomic_write(run_dir / "status.json", json.dumps({"state": state, "step": step}) + "\n")
 
 
 def _mean_losses(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]:

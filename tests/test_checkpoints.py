@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -176,6 +177,45 @@ def test_non_finite_weights_are_never_saved_and_the_last_good_one_is_named(tmp_p
     assert saved_steps(tmp_path) == [2]
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
     assert (tmp_path / "generator.safetensors").read_bytes() == export  # export untouched
+
+
+def test_a_copied_or_renamed_folder_is_damaged_not_resumed_at_the_wrong_step(tmp_path, accelerator,
+                                                                              capsys):
+    ckpt = manager(tmp_path, accelerator)
+    ten = ckpt.save(10, nonfinite=0)
+    copy = ten.with_name("step-00000030")
+    shutil.copytree(ten, copy)  # claims 30, holds 10: resuming would redo or skip steps
+    with pytest.raises(CheckpointError, match="named for step 30 but holds step 10"):
+        verify_checkpoint(copy)
+    with pytest.raises(CheckpointError, match="is damaged: the folder is named for step 30"):
+        manager(tmp_path, accelerator).resume(str(copy), seed=0)
+    fresh = manager(tmp_path, accelerator)
+    assert fresh.resume("auto", seed=0) == (10, 0) and fresh.resumed_from == ten
+    assert "skipping damaged checkpoint" in capsys.readouterr().out
+    assert copy.with_name("step-00000030.damaged").is_dir() and saved_steps(tmp_path) == [10]
+    moved = shutil.copytree(ten, tmp_path / "kept-aside")  # any other name: the manifest decides
+    assert manager(tmp_path, accelerator).resume(str(moved), seed=0) == (10, 0)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_resumed_nor_called_good(tmp_path, accelerator):
+    """A checkpoint found in the folder (written by hand, or by an older version) is not known
+    to be good: resuming it is refused, and the non-finite message never names it."""
+    ckpt = manager(tmp_path, accelerator)
+    path = ckpt.save(2, nonfinite=0)
+    state = torch.load(path / "state.pt", weights_only=True)
+    next(iter(state["G"].values())).fill_(float("nan"))
+    torch.save(state, path / "state.pt")
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"]["state.pt"] = {"bytes": (path / "state.pt").stat().st_size,
+                                     "sha256": file_sha256(path / "state.pt")}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"step-00000002 holds non-finite values \(G\."):
+        manager(tmp_path, accelerator).resume("auto", seed=0)
+    fresh = manager(tmp_path / "other", accelerator)
+    with torch.no_grad():
+        next(fresh.nets.G_raw.parameters()).fill_(float("nan"))
+    with pytest.raises(CheckpointError, match="nothing saved: no checkpoint was saved"):
+        fresh.check_finite(3)
 
 
 def test_keep_prunes_the_oldest(tmp_path, accelerator):

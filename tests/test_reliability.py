@@ -101,6 +101,48 @@ def test_killed_launcher_stops_its_ranks_and_a_running_training_holds_its_folder
     assert len(list_checkpoints(run_dir)) == 1
 
 
+def importing_torch(pid: int) -> bool:
+    """The process has begun `import torch` (so it imported pix2pix_dist, which notes its
+    launcher); seconds of imports still lie between it and the rendezvous."""
+    try:
+        return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_ranks_whose_launcher_dies_during_their_start_up_exit_at_once(sample_shards, tmp_path):
+    """The launcher is SIGKILLed while its ranks are still importing (they are frozen meanwhile,
+    so no timing decides it): they must stop, not wait in the rendezvous for 30 minutes."""
+    log = tmp_path / "launch.log"
+    launcher = launch(["train.py", *TINY, f"data.shards={sample_shards}", f"run_dir={tmp_path / 'run'}",
+                       "train.steps=5", "log.tracker=none"], log)
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (len(ranks) == 2 and all(importing_torch(pid) for pid in ranks)):
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            ranks = children(launcher.pid)
+            time.sleep(0.01)
+        for pid in ranks:
+            os.kill(pid, signal.SIGSTOP)
+        launcher.kill()
+        launcher.wait()
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        while any(running(pid) for pid in ranks) and time.monotonic() - resumed < 120:
+            time.sleep(0.1)
+        assert not any(running(pid) for pid in ranks), log.read_text()[-3000:]
+    finally:
+        for pid in [launcher.pid, *ranks]:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+    out = log.read_text()
+    assert out.count("exited while this process started; stopping") == 2, out[-3000:]
+    assert "Traceback" not in out and not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_an_error_on_one_rank_reaches_the_user_as_that_ranks_line(sample_shards, tmp_path):
     log = tmp_path / "launch.log"
     launcher = launch(["tests/ddp_worker.py", "--fail", "1:3", *TINY, f"data.shards={sample_shards}",
@@ -163,6 +205,8 @@ def test_read_only_run_folder_is_refused_before_anything_loads(sample_shards, tm
 
 def test_weights_turning_nan_stop_the_run_and_name_the_last_good_checkpoint(sample_shards, tmp_path):
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "status.json").write_text('{"state": "finished", "step": 20}\n')  # an earlier run's
     proc = run_python(["tests/ddp_worker.py", "--nan-after", "3", *TINY, f"data.shards={sample_shards}",
                        f"run_dir={run_dir}", "train.steps=20", "ckpt.every=2", "log.tracker=none"],
                       env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
@@ -175,6 +219,7 @@ def test_weights_turning_nan_stop_the_run_and_name_the_last_good_checkpoint(samp
     assert list_checkpoints(run_dir) == [good]  # step 4 was never written
     export = load_file(run_dir / "generator.safetensors")
     assert all(bool(torch.isfinite(t).all()) for t in export.values())
+    assert json.loads((run_dir / "status.json").read_text()) == {"state": "running", "step": 0}
 
 
 def test_fifos_where_the_tools_read_files_are_one_line_errors_never_a_hang(sample_shards, tmp_path,
