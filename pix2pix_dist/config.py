@@ -88,13 +88,15 @@ class DataConfig:
     """Per-process batch, to pin it instead of data.global_batch (which is then ignored: the
     global batch becomes batch_size x processes). 0: derived from data.global_batch."""
     load_size: int = 286
-    """Training images are resized to this (see data.resize) before the crop (pix2pix: 286)."""
+    """Images are resized to this (see data.resize) before the crop (pix2pix: 286)."""
     crop_size: int = 256
     """Square training crop (pix2pix: 256); must be divisible by 2**model.num_downs."""
     resize: Literal["shorter_side", "square"] = "shorter_side"
-    """Training geometry: `shorter_side` resizes the shorter side to `load_size` and crops
-    `crop_size` (pix2pix); `square` resizes the whole image to `load_size` x `load_size` (the
-    tutorial's squash) before the crop. Inference (colorize, evaluate) follows the same rule."""
+    """Training geometry: `square` resizes the whole image to `load_size` x `load_size` before
+    the random `crop_size` crop (pix2pix's `resize_and_crop`; the tutorial's squash when both are
+    256); `shorter_side` resizes the shorter side to `load_size`, keeping the aspect ratio,
+    before the crop (ours). Validation and evaluation use the same resize and the centre crop;
+    colorize squashes, or scales the shorter side, to the crop size (the whole photo)."""
     random_resized_crop: BoolValue = False
     """Use a random-resized crop (scale `rrc_min_scale`..1) instead of resize + random crop."""
     rrc_min_scale: float = 0.35
@@ -312,11 +314,14 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # Source: M. Shariatnia, "Colorizing black & white images with U-Net and conditional GAN - A
     # Tutorial" (Towards Data Science, 2020; github.com/moein-shariatnia/Deep-Learning): 10,000
-    # COCO images (8,000 train / 2,000 val), Resize((256, 256), BICUBIC) with no crop, random
-    # horizontal flip, batch 16, unet_256 + 70x70 PatchGAN with BatchNorm, vanilla GAN loss +
-    # 100 x L1, Adam 2e-4 (0.5, 0.999) for both nets, constant lr (no scheduler), 100 epochs,
-    # model.eval() for its visualisations. Our deliberate deviation: bf16 autocast on GPUs (the
-    # tutorial trains in fp32; train.mixed_precision=no restores that).
+    # images drawn from fastai's COCO sample (8,000 train / 2,000 val), Resize((256, 256),
+    # BICUBIC) with no crop, random horizontal flip, batch 16 read in a fixed order (no
+    # shuffle), grayscale photos kept, unet_256 + 70x70 PatchGAN with BatchNorm (over the 16),
+    # vanilla GAN loss + 100 x L1, Adam 2e-4 (0.5, 0.999) for both nets, constant lr (no
+    # scheduler), 100 epochs, fp32, model.eval() for its visualisations. Deviations (README's
+    # preset table): the images are the shards you give (`make shards ... LIMIT=10000` draws
+    # other ones); shuffled; grayscale photos dropped by the shard writer; bf16 autocast on GPUs
+    # (train.mixed_precision=no: fp32); fused Adam (train.fused_adam=false: plain Adam).
     "tutorial": {
         "data.shards": "shards/coco", "data.global_batch": 16, "data.resize": "square",
         "data.load_size": 256, "data.crop_size": 256, "data.flip": True,

@@ -53,7 +53,8 @@ def image_seed(name: str) -> int:
 
 def inference_copy(generator: nn.Module, model_args: dict) -> UNetGenerator:
     """A plain copy of a training generator: `batch` mode must not update the training model's
-    running statistics, and a SyncBatchNorm generator cannot run on one rank alone."""
+    running statistics, and a cross-process BatchNorm generator (model.norm=batch on several
+    processes) cannot run on one rank alone."""
     copy = UNetGenerator(**model_args)
     copy.load_state_dict(generator.state_dict())
     return copy.to(next(generator.parameters()).device)

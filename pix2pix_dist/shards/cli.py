@@ -25,8 +25,9 @@ indexes, for pix2pix colorization training.
 examples:
   skimage's sample photos -> shards/sample:
     pix2pix-shards
-  the tutorial's 10,000 COCO images (8,000 train + 2,000 val), shorter side 286:
-    pix2pix-shards --source /data/coco/train2017 --limit 10000 --resize 286
+  10,000 COCO photos (8,000 train + 2,000 val; the tutorial preset's sizes, not its images),
+  not resized, so the preset's squash is the only resampling:
+    pix2pix-shards --source /data/coco/train2017 --limit 10000 --output shards/coco
   COCO zips read in place, official val split:
     pix2pix-shards --source train2017.zip --val-source val2017.zip --output shards/coco
   check an existing output folder:
