@@ -28,6 +28,8 @@ from pix2pix_dist.data import DataError, build_loader, rgb_to_lab
 from pix2pix_dist.data.dali_pipeline import build_pipeline
 from pix2pix_dist.data.geometry import Augment, decode
 from pix2pix_dist.data.shards_index import find_shards
+from pix2pix_dist.export import InferenceSettings, generator_meta
+from pix2pix_dist.inference import training_view
 from pix2pix_dist.shard_format import FORMAT, MANIFEST, index_name, load_manifest, shard_name
 
 BACKENDS = ["dali", "torch"]
@@ -190,11 +192,15 @@ def test_paper_geometry_is_the_reference_squash_and_crop_on_both_backends(tmp_pa
     # torch backend: decode + Augment, as torch_pipeline.py runs them per sample
     augment = Augment(data.crop_size, data.load_size, train, data.flip, data.random_resized_crop,
                       data.rrc_min_scale, data.resize)
+    decoded = decode(torch.frombuffer(bytearray(jpg), dtype=torch.uint8))
     for seed in range(3):
-        img = augment(decode(torch.frombuffer(bytearray(jpg), dtype=torch.uint8)), random.Random(seed))
+        img = augment(decoded, random.Random(seed))
         replay = random.Random(seed)
         top, left = (replay.randint(0, span), replay.randint(0, span)) if train else (15, 15)
         assert offset_error(img, top, left).max() <= 1, (seed, top, left)
+    if not train:  # evaluation's view of a paper export is validation's
+        settings = InferenceSettings(**generator_meta(build_config("paper"), 0)["inference"])
+        assert torch.equal(training_view(decoded, settings), img)
 
     # DALI on the CPU: its random offsets cannot be replayed, so each image is compared with the
     # reference crop that matches it best (validation: the centre). DALI's antialiased cubic is

@@ -37,6 +37,17 @@ def test_tutorial_is_global_batch_16_for_100_epochs_on_any_world_size(world, per
     assert {recipe.lr_factor(s) for s in (0, 1, 25_000, 49_998, 49_999)} == {1.0}  # constant
 
 
+@pytest.mark.parametrize("preset, world, words", [
+    ("tutorial", 8, "BatchNorm over the global batch (16 images, cross-process)"),
+    ("tutorial", 1, "BatchNorm over the batch (16 images)"),
+    ("coco", 8, "BatchNorm per process (64 images each; model.norm=batch_local, not the global "
+                "batch of 512)"),
+    ("cpu-demo", 2, "BatchNorm over the global batch (4 images, cross-process)")])
+def test_the_recipe_line_says_whose_images_batchnorm_sees(preset, world, words):
+    assert resolve_recipe(build_config(preset), world, train_images=118_000).describe().endswith(
+        "; " + words)
+
+
 def test_paper_decays_over_its_second_half_to_exactly_zero():
     recipe = resolve_recipe(build_config("paper"), 1, train_images=400)  # facades: 400 images
     assert (recipe.global_batch, recipe.steps, recipe.epochs, recipe.decay_steps) == (1, 80_000, 200, 40_000)
