@@ -76,6 +76,20 @@ def write_shards(out: Path, split: str, count: int, per_shard: int, *, corrupt: 
     return out
 
 
+def one_photo_shard(folder: Path, photo: np.ndarray, quality: int = 95, copies: int = 4) -> bytes:
+    """A train shard in `folder` holding `copies` samples of one JPEG of `photo` (HWC uint8);
+    returns the JPEG's bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "JPEG", quality=quality)
+    jpg = buf.getvalue()
+    with tarfile.open(folder / shard_name("train", 0), "w") as tf:
+        for i in range(copies):
+            member = tarfile.TarInfo(f"s{i}.jpg")
+            member.size = len(jpg)
+            tf.addfile(member, io.BytesIO(jpg))
+    return jpg
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data_shards")
@@ -145,14 +159,7 @@ def test_resize_is_bicubic_as_in_the_pix2pix_reference(tmp_path, backend, resize
     both modes and both paths (no crop left, no flip) are one 160 -> 64 resize: torchvision's
     antialiased bicubic is PIL's within rounding, DALI's cubic is close to it; both are far
     from PIL's bilinear."""
-    buf = io.BytesIO()
-    Image.fromarray(skimage.data.astronaut()[40:200, 160:320]).save(buf, "JPEG", quality=95)
-    jpg = buf.getvalue()
-    with tarfile.open(tmp_path / shard_name("train", 0), "w") as tf:
-        for i in range(4):
-            member = tarfile.TarInfo(f"s{i}.jpg")
-            member.size = len(jpg)
-            tf.addfile(member, io.BytesIO(jpg))
+    jpg = one_photo_shard(tmp_path, skimage.data.astronaut()[40:200, 160:320])
     L, _ = next(iter(loader(tmp_path, backend, train=train, resize=resize, load_size=64,
                             flip=False)))
     photo = Image.open(io.BytesIO(jpg)).convert("RGB")
@@ -173,14 +180,7 @@ def test_paper_geometry_is_the_reference_squash_and_crop_on_both_backends(tmp_pa
     reference's random test crop). A 451x300 photo, so a shorter-side resize would not match."""
     data = dataclasses.replace(build_config("paper").data, shards=str(tmp_path), batch_size=4,
                                flip=False, num_threads=1)
-    buf = io.BytesIO()
-    Image.fromarray(skimage.data.chelsea()).save(buf, "JPEG", quality=95)
-    jpg = buf.getvalue()
-    with tarfile.open(tmp_path / shard_name("train", 0), "w") as tf:
-        for i in range(4):
-            member = tarfile.TarInfo(f"s{i}.jpg")
-            member.size = len(jpg)
-            tf.addfile(member, io.BytesIO(jpg))
+    jpg = one_photo_shard(tmp_path, skimage.data.chelsea())
     photo = Image.open(io.BytesIO(jpg)).convert("RGB")
     squashed = T.Resize([286, 286], T.InterpolationMode.BICUBIC)(photo)
     reference = torch.from_numpy(np.array(squashed)).permute(2, 0, 1).int()

@@ -3,19 +3,16 @@ square geometry on both backends, and resume across world sizes with real gloo p
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from accelerate import Accelerator
-from PIL import Image
 from torchvision.io import decode_jpeg
 
 from batchnorm_worker import two_steps
@@ -25,7 +22,7 @@ from pix2pix_dist.data import build_loader
 from pix2pix_dist.data.lab import uint8_to_lab
 from pix2pix_dist.recipe import resolve_recipe
 from pix2pix_dist.train_loop import main
-from test_data import write_shards
+from test_data import one_photo_shard, write_shards
 
 
 @pytest.mark.parametrize("world, per_process", [(1, 16), (2, 8), (8, 2)])
@@ -153,14 +150,7 @@ def _stripes(height: int, width: int) -> torch.Tensor:
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 @pytest.mark.parametrize("train", [False, True])
 def test_square_resize_squashes_the_whole_image_on_both_backends(tmp_path, backend, train, device):
-    buf = io.BytesIO()
-    Image.fromarray(_stripes(48, 144).permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=98)
-    jpg = buf.getvalue()
-    with tarfile.open(tmp_path / "train-000000.tar", "w") as tf:
-        for i in range(4):
-            member = tarfile.TarInfo(f"s{i}.jpg")
-            member.size = len(jpg)
-            tf.addfile(member, io.BytesIO(jpg))
+    jpg = one_photo_shard(tmp_path, _stripes(48, 144).permute(1, 2, 0).numpy(), quality=98)
     cfg = parse_args([f"data.shards={tmp_path}", f"data.backend={backend}", "data.batch_size=4",
                       "data.resize=square", "data.load_size=32", "data.crop_size=32",
                       "model.num_downs=5", "data.flip=false", "data.num_threads=1"]).data
