@@ -68,7 +68,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shards", type=Path, help="default: build small sample shards")
     args = parser.parse_args()
-    times = sorted(random.Random(args.seed).uniform(0.2, args.within) for _ in range(args.kills))
+    rng = random.Random(args.seed)
+    times = sorted(rng.uniform(0.2, args.within) for _ in range(args.kills))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         shards = args.shards

@@ -45,9 +45,12 @@ def sbatch(tmp_path: Path, run_dir: Path, args: list[str], log: Path) -> subproc
                     MASTER_PORT=str(free_port()), VENV=str(Path(sys.executable).parent.parent),
                     REQUEUE_LOG=str(tmp_path / "requeues.log"))
     with open(log, "w") as out:
+        # Its own process group, as SLURM's batch shell has: a signal to the group reaches the
+        # shell and the launcher (the ranks run in a session of their own).
         return subprocess.Popen(["bash", "launch/slurm.sbatch", "PRESET=cpu-demo",
                                  f"RUN_DIR={run_dir}", *args], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
 
 
 def descendants(pid: int) -> list[int]:
@@ -63,13 +66,19 @@ def requeues(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_run_stopped_by_sigterm_is_requeued_once(sample_shards, tmp_path):
+@pytest.mark.parametrize("signalled", ["the step's processes", "the batch shell's process group"])
+def test_a_run_stopped_by_sigterm_is_requeued_once(sample_shards, tmp_path, signalled):
+    """`--signal=TERM@120` signals the step's processes; `--signal=B:TERM@120`, `scancel
+    --signal=TERM --full` or a preemption also reach the batch shell, which must outlive the
+    step to requeue it."""
     run_dir, log = tmp_path / "run", tmp_path / "job.log"
     job = sbatch(tmp_path, run_dir, [*TINY, f"data.shards={sample_shards}", "train.steps=100000",
                                      "log.every=1", "log.tracker=none"], log)
     try:
         wait_for(log, "step 2/100000", job)
-        for pid in descendants(job.pid):  # the step's processes, not the batch script
+        if signalled == "the batch shell's process group":
+            os.killpg(job.pid, signal.SIGTERM)
+        for pid in descendants(job.pid) if signalled == "the step's processes" else []:
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
