@@ -22,7 +22,8 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write via `<name>.tmp` + fsync + rename (text is written as UTF-8)."""
+    """Write via `<name>.tmp` + fsync + rename (text is written as UTF-8). An OSError names
+    `path` (a failed write, e.g. a full disk, names no file by itself)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -31,6 +32,11 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is not None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     except BaseException:  # includes Ctrl-C: leave no half-written .tmp behind
         tmp.unlink(missing_ok=True)
         raise

@@ -191,6 +191,21 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_partial_copy(sa
     assert proc.stdout.splitlines()[-1] == "checkpoints:"  # no step-*.tmp, no partial step
 
 
+def test_colorize_on_a_full_disk_names_the_file_it_could_not_write(tmp_path):
+    from PIL import Image
+    from skimage import data as skdata
+    from test_evaluate import tiny_export
+
+    Image.fromarray(skdata.astronaut()).save(tmp_path / "astronaut.png")  # ~500 KB colorized
+    mnt = tmp_path / "disk"
+    script = (f"exec {sys.executable} -m pix2pix_dist.colorize {tmp_path / 'astronaut.png'} "
+              f"--generator {tiny_export(tmp_path / 'run')} --output $MNT/out")
+    proc = subprocess.run(in_tmpfs("64k", script), cwd=REPO, env=clean_env(MNT=str(mnt)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert one_error_line(proc.stderr) == f"error: {mnt}/out/astronaut.png: No space left on device"
+
+
 def test_read_only_run_folder_is_refused_before_anything_loads(sample_shards, tmp_path):
     mnt = tmp_path / "ro"
     script = (f"mount -o remount,ro $MNT && exec {sys.executable} train.py {' '.join(TINY)} "
