@@ -1,5 +1,6 @@
-"""A child process that ends with its parent: training ranks under a launcher, shard-writer
-workers. Standard library only, so a worker process imports nothing heavy for it.
+"""How a process ends: a child with its parent (training ranks under a launcher, shard-writer
+workers), a finished command at once on Ctrl-C. Standard library only, so a worker process
+imports nothing heavy for it.
 
 Imported by the package's __init__, so PARENT_AT_START is read within milliseconds of the
 process's start: a rank that installs its parent-death signal seconds later (after importing
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import sys
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -29,3 +32,16 @@ def set_parent_death_signal(sig: int, parent: int) -> None:
         return
     if os.getppid() != parent:
         os.kill(os.getpid(), sig)
+
+
+def end_at_once_on_ctrl_c() -> None:
+    """Once a command's work is over (saved, or interrupted), make Ctrl-C end the process at
+    once (SIG_DFL). Interpreter teardown runs atexit hooks (DALI's join its pipeline threads,
+    a second or more); a Ctrl-C there would raise KeyboardInterrupt inside a hook, which Python
+    prints as an ignored exception with a traceback. Nothing is left to save by then."""
+    for stream in (sys.stdout, sys.stderr):  # the default action leaves no time to flush
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -39,6 +39,7 @@ from .evaluation import TrainingEval
 from .export import generator_meta
 from .gan_step import GanStep, build_networks
 from .locking import FolderLock, LockError
+from .lifetime import end_at_once_on_ctrl_c
 from .ranks import PARENT_DIED, agree, die_with_parent, reach_rendezvous
 from .recipe import Recipe, resolve_recipe
 from .inference import inference_copy, predict_ab
@@ -329,7 +330,7 @@ def _show(progress, say, step: int, total: int, scalars: dict[str, float]) -> No
 def main(argv: list[str] | None = None) -> int:
     """Every failure a user can act on ends as one line (`error: [rank R] ...` from the rank that
     hit it when several run), exit code 2; errors every rank agreed on are printed by rank 0."""
-    argv = sys.argv[1:] if argv is None else argv
+    command, argv = argv is None, sys.argv[1:] if argv is None else argv
 
     def body() -> None:
         cfg, dry_run = parse_command(argv)
@@ -341,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train(cfg)
 
-    return run_main(body)
+    try:
+        return run_main(body)
+    finally:
+        if command:  # this process's command (not a call from a test): teardown follows
+            end_at_once_on_ctrl_c()
 
 
 if __name__ == "__main__":

@@ -259,3 +259,20 @@ def test_fifos_where_the_tools_read_files_are_one_line_errors_never_a_hang(sampl
         assert command(args) == 2
         line = one_error_line(capsys.readouterr().err)
         assert named in line and "not a regular file" in line, line
+
+
+def test_a_ctrl_c_during_shutdown_ends_the_process_without_a_traceback(sample_shards):
+    """A second Ctrl-C after the run saved and returned lands in interpreter teardown, e.g. in
+    DALI's atexit hook that joins its pipeline threads: injected here by a hook of our own."""
+    script = f"""
+import atexit, os, signal, sys, time
+from pix2pix_dist.train_loop import main
+sys.argv = ["train.py", *{TINY!r}, "data.shards={sample_shards}", "--dry-run"]
+code = main()
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))
+sys.exit(code)
+"""
+    r = run_python(["-c", script], timeout=120)
+    assert r.returncode == -signal.SIGINT, r.stderr[-3000:]
+    assert "dry run: nothing was built or trained" in r.stdout  # flushed before the end
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-3000:]
