@@ -17,13 +17,13 @@ Design notes (resume semantics, integrity, fallback): docs/design.md, "Checkpoin
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
 import pickle
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,13 +31,12 @@ import torch
 
 from .atomic import atomic_write, file_sha256, fsync_dir
 from .config import RENAMED_NORMS
-from .export import EXPORT_NAME, export_generator, generator_meta
-from .errors import UserError
+from .export import EXPORT_NAME, export_generator
+from .errors import UserError, warn
 from .files import read_text
 from .ranks import agree, all_gather
 
 if TYPE_CHECKING:
-    from .config import Config
     from .gan_step import Networks
     from .recipe import Recipe
 
@@ -173,10 +172,15 @@ class CheckpointManager:
     `save`/`resume` at the same point. Rank 0 writes the shared files and chooses what to
     resume from; every rank writes its RNG state and loads the chosen checkpoint."""
 
-    def __init__(self, cfg: "Config", recipe: "Recipe", nets: "Networks", accelerator) -> None:
-        self.cfg, self.recipe, self.nets, self.accelerator = cfg, recipe, nets, accelerator
-        self.run_dir = Path(cfg.run_dir)
-        self.model = dataclasses.asdict(cfg.model)
+    def __init__(self, run_dir: Path, nets: "Networks", accelerator, *, keep: int,
+                 model: dict[str, Any], recipe: "Recipe",
+                 export_meta: Callable[[int], dict[str, dict[str, Any]]]) -> None:
+        """`keep`: checkpoints kept (ckpt.keep); `model`: the model settings a resume must match;
+        `recipe`: its global batch must match too; `export_meta(step)`: what a
+        generator export at `step` records (export.generator_meta)."""
+        self.run_dir, self.nets, self.accelerator = Path(run_dir), nets, accelerator
+        self.keep, self.model, self.recipe = keep, model, recipe
+        self.export_meta = export_meta
         self.rank = accelerator.process_index
         self.main = accelerator.is_main_process
         self.resumed_from: Path | None = None
@@ -252,7 +256,7 @@ class CheckpointManager:
             files[f"rng-rank{self.rank}.pt"] = _save_file(rng_state(), tmp / f"rng-rank{self.rank}.pt")
             if self.main:
                 files["state.pt"] = _save_file(self._state(step, nonfinite), tmp / "state.pt")
-                export_generator(self.nets.G_raw, tmp / EXPORT_NAME, generator_meta(self.cfg, step))
+                export_generator(self.nets.G_raw, tmp / EXPORT_NAME, self.export_meta(step))
                 files[EXPORT_NAME] = _file_entry(tmp / EXPORT_NAME)
         except OSError as exc:
             error = _write_error(final, exc)
@@ -267,9 +271,8 @@ class CheckpointManager:
                     shutil.rmtree(final)
                 tmp.rename(final)
                 fsync_dir(root)
-                export_generator(self.nets.G_raw, self.run_dir / EXPORT_NAME,
-                                 generator_meta(self.cfg, step))
-                for old in list_checkpoints(self.run_dir)[:-self.cfg.ckpt.keep]:
+                export_generator(self.nets.G_raw, self.run_dir / EXPORT_NAME, self.export_meta(step))
+                for old in list_checkpoints(self.run_dir)[:-self.keep]:
                     shutil.rmtree(old, ignore_errors=True)
             except OSError as exc:
                 error = _write_error(final, exc)
@@ -348,8 +351,7 @@ class CheckpointManager:
             try:
                 verify_checkpoint(path)
             except CheckpointError as exc:
-                print(f"warning: skipping damaged checkpoint {path}: {exc}; trying the one before",
-                      flush=True)
+                warn(f"skipping damaged checkpoint {path}: {exc}; trying the one before")
                 damaged.append(path)
                 continue
             # Moved aside (kept for inspection), so that pruning after the next saves counts
@@ -358,7 +360,7 @@ class CheckpointManager:
                 aside = bad.with_name(bad.name + DAMAGED_SUFFIX)
                 shutil.rmtree(aside, ignore_errors=True)
                 bad.rename(aside)
-                print(f"warning: moved damaged checkpoint {bad.name} aside to {aside.name}", flush=True)
+                warn(f"moved damaged checkpoint {bad.name} aside to {aside.name}")
             return path
         if existing:
             raise CheckpointError(f"every checkpoint in {checkpoint_root(self.run_dir)} is damaged "

@@ -11,18 +11,17 @@ import itertools
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import Config
 from .data.geometry import decode
 from .data.lab import lab_to_rgb, uint8_to_lab
 from .data.reading import read_range
-from .data.errors import DataError
-from .data.shards_index import ShardSet, find_shards
+from .data.shards_index import ShardSet
 from .errors import warn
-from .export import InferenceSettings, NormMode, generator_meta
+from .export import InferenceSettings, NormMode
 from .imageio import display_name, first_line
 from .inference import (GeometryError, compose, image_seed, inference_copy, model_input,
                         model_shape, predict_ab, training_view)
@@ -217,27 +216,21 @@ def extremes(results: list[ImageResult]) -> list[ImageResult]:
 
 
 class TrainingEval:
-    """The training loop's periodic evaluation on the first `eval.count` validation images,
-    held decoded in memory (main process only). Shards without a val split are evaluated on
-    their first train images, with a notice, as the sample grids do."""
+    """The training loop's periodic evaluation on the first `count` images of `shards` (its
+    eval split: Splits.for_eval), held decoded in memory (main process only). `meta` is what an
+    export of the run records (export.generator_meta): the architecture and inference rules."""
 
-    def __init__(self, cfg: Config, device: torch.device) -> None:
-        try:
-            shards = find_shards(cfg.data.shards, "val")
-        except DataError:
-            shards = find_shards(cfg.data.shards, "train")
-            print(f"notice: {cfg.data.shards} has no val split; eval.every evaluates the first "
-                  f"{cfg.eval.count} train images (scores on training data)", flush=True)
-        count = min(cfg.eval.count, shards.total)
-        self.samples = [s for s in read_split(shards, 0, count) if not isinstance(s[2], str)]
-        self.cfg, self.device = cfg, device
+    def __init__(self, shards: ShardSet, count: int, meta: dict[str, dict[str, Any]],
+                 device: torch.device) -> None:
+        samples = read_split(shards, 0, min(count, shards.total))
+        self.samples = [s for s in samples if not isinstance(s[2], str)]
+        self.model, self.settings = meta["model"], InferenceSettings(**meta["inference"])
+        self.device = device
 
-    def __call__(self, generator: torch.nn.Module, step: int) -> dict[str, float]:
+    def __call__(self, generator: torch.nn.Module) -> dict[str, float]:
         """eval/* scalars of `generator` (the training model is not modified)."""
-        meta = generator_meta(self.cfg, step)
-        settings = InferenceSettings(**meta["inference"])
-        copy = inference_copy(generator, meta["model"])
-        result = evaluate_samples(copy, settings, settings.norm_mode, iter(self.samples),
+        copy = inference_copy(generator, self.model)
+        result = evaluate_samples(copy, self.settings, self.settings.norm_mode, iter(self.samples),
                                   device=self.device, batch_size=16)
         means = summary(result.results)["train_res"]
         return {**{f"eval/{k}": v for k, v in means["model"].items()},

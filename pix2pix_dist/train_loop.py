@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -32,9 +33,9 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write
 from .checkpoints import CheckpointManager, checkpoint_root
 from .config import Config, parse_command
-from .data import DataError, build_loader, lab_to_rgb
-from .data.shards_index import find_shards
-from .errors import UserError, rank_and_world, run_main
+from .data import build_loader, lab_to_rgb
+from .data.shards_index import ShardSet, Splits, find_splits
+from .errors import UserError, rank_and_world, run_main, warn
 from .evaluation import TrainingEval
 from .export import generator_meta
 from .gan_step import GanStep, build_networks
@@ -98,12 +99,6 @@ def make_accelerator(cfg: Config):
                        project_dir=cfg.run_dir, cpu=not torch.cuda.is_available())
 
 
-def recipe_for(cfg: Config, world_size: int) -> Recipe:
-    """The recipe on `world_size` processes; counts the train split from the shards' manifest
-    (or index files) without reading an image."""
-    return resolve_recipe(cfg, world_size, find_shards(cfg.data.shards, "train").total)
-
-
 def batch_stream(loader, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless batches starting at iteration `start_step` of the epoch sequence.
 
@@ -116,19 +111,12 @@ def batch_stream(loader, start_step: int) -> Iterator[tuple[torch.Tensor, torch.
         skip, epoch = 0, epoch + 1
 
 
-def fixed_sample_batch(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to log.sample_count validation images, deterministic (resize + centre crop); from the
-    train split, also deterministic, when the shards have no validation split."""
-    for split in ("val", "train"):
-        try:
-            available = find_shards(cfg.data.shards, split).total
-        except DataError:
-            continue
-        data = dataclasses.replace(cfg.data, batch_size=min(cfg.log.sample_count, available))
-        loader = build_loader(data, split, rank=0, world_size=1, device=device,
-                              seed=cfg.train.seed, train=False)
-        return next(iter(loader))
-    raise DataError(f"no shards in {cfg.data.shards}; write them with `make shards`")
+def fixed_sample_batch(shards: ShardSet, cfg: Config, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to log.sample_count images of `shards`, deterministic (resize + centre crop)."""
+    loader = build_loader(shards, cfg.data, batch_size=min(cfg.log.sample_count, shards.total),
+                          rank=0, world_size=1, device=device, seed=cfg.train.seed, train=False)
+    return next(iter(loader))
 
 
 @contextlib.contextmanager
@@ -159,12 +147,15 @@ def train(cfg: Config) -> TrainResult:
     die_with_parent()  # a SIGKILLed launcher must not leave this rank training on its own
     reach_rendezvous()  # nor waiting for a rendezvous that no longer exists
     accelerator = make_accelerator(cfg)
-    recipe = recipe_for(cfg, accelerator.num_processes)  # before any folder is made
+    # The manifest, read once: counts the train split (no image is read) before any folder is
+    # made, and refuses a listed shard that is missing or truncated, val included.
+    shards = find_splits(cfg.data.shards)
+    recipe = resolve_recipe(cfg, accelerator.num_processes, shards["train"].total)
     with claim_run_dir(Path(cfg.run_dir), accelerator):
-        return _train(cfg, accelerator, recipe)
+        return _train(cfg, accelerator, recipe, shards)
 
 
-def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
+def _train(cfg: Config, accelerator, recipe: Recipe, shards: Splits) -> TrainResult:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_process = accelerator.is_main_process
     run_dir = Path(cfg.run_dir)
@@ -177,16 +168,20 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
     set_seed(cfg.train.seed)  # identical initial weights on every rank
 
     # --- data -----------------------------------------------------------------------------
-    data_cfg = dataclasses.replace(cfg.data, batch_size=recipe.batch_per_process)
-    loader = build_loader(data_cfg, "train", rank=rank, world_size=world, device=device,
-                          seed=cfg.train.seed, exact_epochs=cfg.train.deterministic)
-    sample_L, sample_ab = fixed_sample_batch(cfg, device) if main_process else (None, None)
+    loader = build_loader(shards["train"], cfg.data, batch_size=recipe.batch_per_process,
+                          rank=rank, world_size=world, device=device, seed=cfg.train.seed,
+                          exact_epochs=cfg.train.deterministic)
+    eval_shards = shards.for_eval() if main_process else None
+    sample_L, sample_ab = fixed_sample_batch(eval_shards, cfg, device) if main_process else (None, None)
 
     # --- models, optimizers, resume ---------------------------------------------------------
     nets = build_networks(cfg, accelerator)
     G_raw, D_raw = nets.G_raw, nets.D_raw
     step_fn = GanStep(accelerator, nets, cfg.optim, d_concat=cfg.train.d_concat)
-    ckpt = CheckpointManager(cfg, recipe, nets, accelerator)
+    export_meta = functools.partial(generator_meta, cfg)  # what each export records, by step
+    ckpt = CheckpointManager(run_dir, nets, accelerator, keep=cfg.ckpt.keep,
+                             model=dataclasses.asdict(cfg.model),
+                             recipe=recipe, export_meta=export_meta)
     start_step, nonfinite = ckpt.resume(cfg.ckpt.resume, seed=cfg.train.seed)
 
     if start_step >= recipe.steps:
@@ -203,7 +198,8 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
         f"run folder {run_dir}")
     say(recipe.describe())
 
-    evaluator = TrainingEval(cfg, device) if main_process and cfg.eval.every else None
+    evaluator = (TrainingEval(eval_shards, cfg.eval.count, export_meta(0), device)
+                 if main_process and cfg.eval.every else None)
 
     # --- the loop ---------------------------------------------------------------------------
     data = batch_stream(loader, start_step)
@@ -236,8 +232,9 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
             if result.skipped:
                 nonfinite += result.skipped
                 ckpt.check_finite(step)  # NaN weights never heal: stop now, not at the limit
-                say(f"warning: non-finite loss in {result.skipped} step(s) up to step {step}; "
-                    f"update skipped ({nonfinite} so far)")
+                if main_process:
+                    warn(f"non-finite loss in {result.skipped} step(s) up to step {step}; "
+                         f"update skipped ({nonfinite} so far)")
                 if nonfinite >= cfg.train.max_nonfinite:
                     raise TrainingError(
                         f"{nonfinite} steps had non-finite losses (train.max_nonfinite="
@@ -263,12 +260,12 @@ def _train(cfg: Config, accelerator, recipe: Recipe) -> TrainResult:
             if main_process and (step % cfg.log.sample_every == 0 or step == recipe.steps):
                 # In the recipe's inference norm mode, on a copy (docs/design.md, "Evaluation
                 # and inference").
-                copy = inference_copy(G_raw, generator_meta(cfg, step)["model"])
+                copy = inference_copy(G_raw, export_meta(step)["model"])
                 fake = predict_ab(copy, sample_L, cfg.eval.norm_mode, range(len(sample_L)))
                 tracker.log_grid(step, lab_to_rgb(sample_L, torch.zeros_like(sample_ab)),
                                  lab_to_rgb(sample_L, fake), lab_to_rgb(sample_L, sample_ab))
             if evaluator is not None and (step % cfg.eval.every == 0 or step == recipe.steps):
-                tracker.log_scalars(step, evaluator(G_raw, step))
+                tracker.log_scalars(step, evaluator(G_raw))
             if result.stop:
                 stopped = True
                 break
@@ -336,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, dry_run = parse_command(argv)
         if dry_run:  # no Accelerator: the launcher's WORLD_SIZE is the world size
             rank, world = rank_and_world()
-            recipe = recipe_for(cfg, world)
+            recipe = resolve_recipe(cfg, world, find_splits(cfg.data.shards)["train"].total)
             if rank == 0:
                 print(f"{recipe.describe()}\ndry run: nothing was built or trained")
         else:

@@ -20,6 +20,8 @@ import torch
 from pix2pix_dist import train_loop
 from pix2pix_dist.config import parse_args
 from pix2pix_dist.data import DataError, build_loader
+from pix2pix_dist.data.shards_index import find_shards
+from pix2pix_dist.recipe import resolve_recipe
 from pix2pix_dist.train_loop import train
 
 
@@ -46,9 +48,9 @@ class FailingLoader:
 def run_failing(spec: str, argv: list[str]) -> int:
     fail_rank, fail_step = (int(x) for x in spec.split(":"))
 
-    def build(data, split, *, rank, **kwargs):
-        loader = build_loader(data, split, rank=rank, **kwargs)
-        return FailingLoader(loader, fail_step) if split == "train" and rank == fail_rank else loader
+    def build(shards, data, *, rank, **kwargs):
+        loader = build_loader(shards, data, rank=rank, **kwargs)
+        return FailingLoader(loader, fail_step) if shards.split == "train" and rank == fail_rank else loader
 
     train_loop.build_loader = build
     return train_loop.main(argv)
@@ -79,8 +81,10 @@ def main() -> None:
     cfg = parse_args(sys.argv[2:])
     result = train(cfg)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    loader = build_loader(cfg.data, "train", rank=rank, world_size=world,
-                          device=torch.device("cpu"), seed=cfg.train.seed)
+    shards = find_shards(cfg.data.shards, "train")
+    loader = build_loader(shards, cfg.data,
+                          batch_size=resolve_recipe(cfg, world, shards.total).batch_per_process,
+                          rank=rank, world_size=world, device=torch.device("cpu"), seed=cfg.train.seed)
     loader.set_epoch(0)
     sums = [float(L.double().sum() + ab.double().sum()) for L, ab in loader]
     torch.save({"G": result.generator.state_dict(), "D": result.discriminator.state_dict()},

@@ -27,9 +27,9 @@ class NanTargets:
             yield L, torch.full_like(ab, float("nan"))
 
 
-def poisoned_loader(data, split, **kwargs):
-    loader = build_loader(data, split, **kwargs)
-    return NanTargets(loader) if split == "train" else loader
+def poisoned_loader(shards, data, **kwargs):
+    loader = build_loader(shards, data, **kwargs)
+    return NanTargets(loader) if shards.split == "train" else loader
 
 
 if __name__ == "__main__":

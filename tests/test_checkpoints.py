@@ -5,6 +5,8 @@ In-process with a real (single-process) Accelerator and tiny real networks: each
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import random
 import shutil
@@ -16,6 +18,7 @@ from pix2pix_dist.checkpoints import (MANIFEST, CheckpointError, CheckpointManag
                                       list_checkpoints, verify_checkpoint)
 from pix2pix_dist.atomic import file_sha256
 from pix2pix_dist.config import Config
+from pix2pix_dist.export import generator_meta
 from pix2pix_dist.gan_step import build_networks
 from pix2pix_dist.recipe import resolve_recipe
 
@@ -39,7 +42,10 @@ def manager(run_dir, accelerator, cfg: Config | None = None, keep: int = 5) -> C
     cfg.run_dir, cfg.ckpt.keep = str(run_dir), keep
     torch.manual_seed(0)
     nets = build_networks(cfg, accelerator)
-    return CheckpointManager(cfg, resolve_recipe(cfg, 1, train_images=64), nets, accelerator)
+    return CheckpointManager(run_dir, nets, accelerator, keep=keep,
+                             model=dataclasses.asdict(cfg.model),
+                             recipe=resolve_recipe(cfg, 1, train_images=64),
+                             export_meta=functools.partial(generator_meta, cfg))
 
 
 def train_a_little(ckpt: CheckpointManager) -> None:
@@ -100,13 +106,13 @@ def test_a_damaged_file_falls_back_to_the_previous_checkpoint(tmp_path, accelera
 
     fresh = manager(tmp_path, accelerator)
     assert fresh.resume("auto", seed=0) == (2, 0)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert f"skipping damaged checkpoint {tmp_path / 'checkpoints' / 'step-00000004'}" in out
     assert damaged in out
     # Set aside, so pruning counts intact checkpoints only: with keep=2, saving 3 and 4 again
     # must keep the good 2 out of it until two newer intact ones exist.
     assert saved_steps(tmp_path) == [2] and (tmp_path / "checkpoints" / "step-00000004.damaged").is_dir()
-    fresh.cfg.ckpt.keep = 2
+    fresh.keep = 2
     fresh.save(3, nonfinite=0)
     assert saved_steps(tmp_path) == [2, 3]
 

@@ -25,7 +25,8 @@ def shards(tmp_path_factory):
 
 
 def _loader(root, backend, split, device):
-    return build_loader(config(root, backend), split, rank=0, world_size=1, device=device, seed=0)
+    return build_loader(find_shards(root, split), config(root, backend), batch_size=4, rank=0,
+                        world_size=1, device=device, seed=0)
 
 
 def test_dali_decodes_on_the_gpu_without_a_host_round_trip(shards):
@@ -33,8 +34,8 @@ def test_dali_decodes_on_the_gpu_without_a_host_round_trip(shards):
 
     from pix2pix_dist.data.dali_pipeline import build_pipeline
 
-    pipe = build_pipeline(find_shards(shards, "val"), config(shards, "dali"), train=False, rank=0,
-                          world_size=1, device_id=0, seed=0)
+    pipe = build_pipeline(find_shards(shards, "val"), config(shards, "dali"), batch_size=4,
+                          train=False, rank=0, world_size=1, device_id=0, seed=0)
     pipe.build()
     (rgb,) = pipe.run()
     assert isinstance(rgb, TensorListGPU)  # "mixed" decode, resize and crop all on the GPU

@@ -17,7 +17,7 @@ from skimage.metrics import structural_similarity
 from conftest import REPO, run_python
 from pix2pix_dist.config import build_config
 from pix2pix_dist.data.lab import uint8_to_lab
-from pix2pix_dist.data.shards_index import find_shards
+from pix2pix_dist.data.shards_index import find_shards, find_splits
 from pix2pix_dist.colorize import main as colorize_main
 from pix2pix_dist.evaluate import best_and_worst
 from pix2pix_dist.evaluate import main as evaluate_main
@@ -390,12 +390,13 @@ def test_training_eval_falls_back_to_train_images_without_a_val_split(sample_sha
         shutil.copy(tar.tar, shards / tar.tar.name)  # no manifest, no val-*.tar
     cfg = build_config(None, overrides=[*TINY, ("data.shards", str(shards)), ("eval.count", 3),
                                         ("eval.norm_mode", "batch")])  # batch mode updates BN stats
-    evaluator = TrainingEval(cfg, torch.device("cpu"))
-    assert "has no val split" in capsys.readouterr().out and len(evaluator.samples) == 3
+    evaluator = TrainingEval(find_splits(shards).for_eval(), cfg.eval.count,
+                             generator_meta(cfg, 0), torch.device("cpu"))
+    assert "has no val split" in capsys.readouterr().err and len(evaluator.samples) == 3
     torch.manual_seed(0)
     generator = UNetGenerator(**generator_meta(cfg, 0)["model"])
     before = {k: v.clone() for k, v in generator.state_dict().items()}
-    scalars = evaluator(generator.train(), 5)
+    scalars = evaluator(generator.train())
     assert {"eval/ab_l1", "eval/dcf", "eval/gray_ab_l1"} <= set(scalars)
     assert all(math.isfinite(v) for v in scalars.values())
     assert generator.training and all(torch.equal(before[k], v) for k, v in generator.state_dict().items())

@@ -20,6 +20,7 @@ from conftest import REPO, clean_env, free_port, run_python
 from pix2pix_dist.config import ConfigError, build_config, parse_args
 from pix2pix_dist.data import build_loader
 from pix2pix_dist.data.lab import uint8_to_lab
+from pix2pix_dist.data.shards_index import find_shards
 from pix2pix_dist.recipe import resolve_recipe
 from pix2pix_dist.train_loop import main
 from test_data import one_photo_shard, write_shards
@@ -154,8 +155,8 @@ def test_square_resize_squashes_the_whole_image_on_both_backends(tmp_path, backe
     cfg = parse_args([f"data.shards={tmp_path}", f"data.backend={backend}", "data.batch_size=4",
                       "data.resize=square", "data.load_size=32", "data.crop_size=32",
                       "model.num_downs=5", "data.flip=false", "data.num_threads=1"]).data
-    L, ab = next(iter(build_loader(cfg, "train", rank=0, world_size=1, device=torch.device(device),
-                                   seed=0, train=train)))
+    L, ab = next(iter(build_loader(find_shards(tmp_path, "train"), cfg, batch_size=4, rank=0,
+                                   world_size=1, device=torch.device(device), seed=0, train=train)))
     L, ab = L.cpu(), ab.cpu()  # on CUDA: GPU decode and resize, compared with the CPU reference
     decoded = decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8))
     squash = TF.resize(decoded, [32, 32], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)

@@ -6,6 +6,8 @@ Every run is a subprocess started the way users start it (`python train.py ...` 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,7 +180,7 @@ def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_export_bytes(sampl
 
 def test_two_gloo_processes_keep_identical_weights_on_disjoint_data(sample_shards, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
-    env = clean_env(PYTHONPATH=str(REPO / "tests"))
+    env = clean_env(PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))  # this checkout
     proc = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
          "--main_process_port", str(free_port()), "tests/ddp_worker.py", str(tmp_path), *TINY,
@@ -210,7 +212,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(sample_shards, tmp_path
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 3 steps had non-finite losses")
     assert "Traceback" not in proc.stderr
-    assert proc.stdout.count("update skipped") == 3
+    assert proc.stderr.count("update skipped") == 3
 
 
 def test_missing_shards_is_one_line_error(tmp_path):
@@ -239,9 +241,42 @@ def test_resume_refuses_mixing_runs_and_skips_damaged_checkpoints(sample_shards,
     newest.write_bytes(newest.read_bytes()[:1000])  # a save cut short by a crash
     resumed = run_python([*base, "train.steps=8"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "skipping damaged checkpoint" in resumed.stdout
+    assert "skipping damaged checkpoint" in resumed.stderr
     assert "at step 4" in resumed.stdout and "done: 8 steps" in resumed.stdout
     assert [r["step"] for r in stats(run_dir)] == [2, 4, 6, 8]  # 6 logged again after resume
 
     again = run_python([*base, "train.steps=8"])
     assert again.returncode == 0 and "already trained 8 of 8 steps" in again.stdout
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "fifo"])
+def test_a_damaged_val_split_stops_training_instead_of_a_silent_fallback(sample_shards, tmp_path, damage):
+    """Issue 17 item 5: a val shard the manifest lists but that cannot be read is one line and
+    exit code 2 before anything is trained, never "no val split" and a run without evaluation."""
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    val = shards / "val-000000.tar"
+    if damage == "truncated":
+        val.write_bytes(val.read_bytes()[:1000])
+    else:
+        val.unlink()
+        if damage == "fifo":
+            os.mkfifo(val)
+    args = ["train.py", *TINY, f"data.shards={shards}", f"run_dir={tmp_path / 'run'}",
+            "log.tracker=none", "train.steps=2", "eval.every=1"]
+    for argv in (args, [*args, "--dry-run"]) if damage == "truncated" else ([*args, "--dry-run"],):
+        proc = run_python(argv, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.count("\n") == 1 and str(val) in proc.stderr and "val split" not in proc.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_shards_without_a_val_split_train_on_announced_train_images(sample_shards, tmp_path):
+    shards = tmp_path / "train_only"
+    shards.mkdir()
+    for tar in sample_shards.glob("train-*.tar"):
+        shutil.copy(tar, shards / tar.name)  # another tool's shards: no manifest, no val-*.tar
+    proc = run_python(["train.py", *TINY, f"data.shards={shards}", f"run_dir={tmp_path / 'run'}",
+                       "log.tracker=none", "train.steps=2", "eval.every=2", "eval.count=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count(f"warning: {shards} has no val split") == 1

@@ -96,11 +96,11 @@ def measure_input_pipelines(s: BenchSettings, shards: Path, device: torch.device
                                      f"skimage rgb2lab, DataLoader({s.workers} workers)")
                 quantum = s.workers
             else:
-                cfg = DataConfig(shards=str(shards), backend=name, batch_size=s.batch_size,
-                                 load_size=s.load_size, crop_size=s.crop, num_threads=s.workers,
+                cfg = DataConfig(shards=str(shards), backend=name, load_size=s.load_size,
+                                 crop_size=s.crop, num_threads=s.workers,
                                  shuffle_buffer=max(1, min(DataConfig.shuffle_buffer, images)))
-                loader = build_loader(cfg, "train", rank=0, world_size=1, device=device,
-                                      seed=s.seed)
+                loader = build_loader(split, cfg, batch_size=s.batch_size, rank=0, world_size=1,
+                                      device=device, seed=s.seed)
                 entry.update(backend=loader.backend, batches_per_epoch=len(loader),
                              pipeline=f"resize {s.load_size} + crop {s.crop} + flip + Lab")
                 # Epochs 0, 1, 2, ...: each iter() of a Loader is its next epoch.

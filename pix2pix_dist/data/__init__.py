@@ -1,6 +1,8 @@
 """Input pipeline: WebDataset shards -> (L, ab) batches on the training device.
 
-    loader = build_loader(cfg.data, "train", rank=r, world_size=w, device=dev, seed=s)
+    loader = build_loader(find_shards(cfg.data.shards, "train"), cfg.data,
+                          batch_size=recipe.batch_per_process, rank=r, world_size=w,
+                          device=dev, seed=s)
     for L, ab in loader: ...
 
 DALI (GPU decode) where installed, else the torch fallback; Lab via Kornia on the device.

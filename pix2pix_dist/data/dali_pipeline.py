@@ -49,14 +49,15 @@ from .reading import find_undecodable
 T = TypeVar("T")
 
 
-def build_pipeline(shards: ShardSet, cfg: DataConfig, *, train: bool, rank: int, world_size: int,
-                   device_id: int | None, seed: int, with_keys: bool = False) -> Pipeline:
+def build_pipeline(shards: ShardSet, cfg: DataConfig, *, batch_size: int, train: bool, rank: int,
+                   world_size: int, device_id: int | None, seed: int,
+                   with_keys: bool = False) -> Pipeline:
     """The DALI pipeline for one rank. Outputs `rgb` (uint8 B,3,S,S) and, with `with_keys`,
     `keys`: each sample's source as zero-padded bytes `<tar path>:<offset>:<member name>`."""
     start, stop = rank_range(shards.total, world_size, rank)
     gpu = device_id is not None
     size = cfg.crop_size
-    pipe = Pipeline(batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=device_id,
+    pipe = Pipeline(batch_size=batch_size, num_threads=cfg.num_threads, device_id=device_id,
                     seed=seed, prefetch_queue_depth=cfg.prefetch)
     with pipe:
         jpegs = fn.readers.webdataset(
@@ -111,9 +112,11 @@ class DaliBatches:
 
     skipped = 0  # DALI cannot skip a bad sample: it raises (turned into DataError)
 
-    def __init__(self, shards: ShardSet, cfg: DataConfig, *, train: bool, rank: int,
-                 world_size: int, device: torch.device, seed: int, exact_epochs: bool = False) -> None:
+    def __init__(self, shards: ShardSet, cfg: DataConfig, *, batch_size: int, train: bool,
+                 rank: int, world_size: int, device: torch.device, seed: int,
+                 exact_epochs: bool = False) -> None:
         self.shards, self.cfg, self.train, self.exact_epochs = shards, cfg, train, exact_epochs
+        self.batch_size = batch_size
         self.rank, self.world_size, self.device, self.seed = rank, world_size, device, seed
         self.device_id: int | None = None  # DALI's CPU-only mode
         if device.type == "cuda":
@@ -137,7 +140,8 @@ class DaliBatches:
 
     def _start(self, epoch: int, with_keys: bool) -> None:
         self._iter = None  # release the previous pipeline before building another
-        pipe = build_pipeline(self.shards, self.cfg, train=self.train, rank=self.rank,
+        pipe = build_pipeline(self.shards, self.cfg, batch_size=self.batch_size, train=self.train,
+                              rank=self.rank,
                               world_size=self.world_size, device_id=self.device_id,
                               seed=derive_seed(self.seed, epoch, self.rank), with_keys=with_keys)
         pipe.build()

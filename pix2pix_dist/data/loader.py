@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,7 +12,7 @@ from ..config import DataConfig
 from .errors import DataError
 from .lab import uint8_to_lab
 from .sampling import batches_per_epoch
-from .shards_index import find_shards
+from .shards_index import ShardSet
 
 if TYPE_CHECKING:
     from .dali_pipeline import DaliBatches
@@ -75,29 +74,31 @@ def _pick_backend(requested: str, announce: bool) -> str:
     return "dali"
 
 
-def build_loader(cfg: DataConfig, split: str, *, rank: int, world_size: int,
-                 device: torch.device, seed: int, train: bool | None = None,
+def build_loader(shards: ShardSet, cfg: DataConfig, *, batch_size: int, rank: int,
+                 world_size: int, device: torch.device, seed: int, train: bool | None = None,
                  exact_epochs: bool = False) -> Loader:
-    """The loader of `split` for process `rank` of `world_size`.
+    """The loader of the split `shards` (from find_shards) for process `rank` of `world_size`,
+    `batch_size` images per batch (the resolved per-process batch: Recipe.batch_per_process
+    in training; cfg.batch_size is a setting of the recipe, not read here).
 
-    `train` (default: split == "train") turns on augmentation (resize shorter side to
+    `train` (default: a train split) turns on augmentation (resize shorter side to
     load_size + random crop, or a random-resized crop; random flip) and shuffling; otherwise
     images are resized to crop_size on the shorter side and centre-cropped, in a fixed order,
     so every pass gives the same batches. With `exact_epochs`, epoch k's order depends only on
     (seed, k, rank) on every backend (DALI then rebuilds its pipeline each epoch), so a resumed
-    run replays exactly. Raises DataError for missing or too few shards.
+    run replays exactly. Raises DataError when the split has too few samples.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     device = torch.device(device)
-    train = split == "train" if train is None else train
-    shards = find_shards(Path(cfg.shards), split)
-    num_batches = batches_per_epoch(shards.total, world_size, cfg.batch_size,
-                                    where=f"the {split} split of {shards.root}")
+    train = shards.split == "train" if train is None else train
+    num_batches = batches_per_epoch(shards.total, world_size, batch_size,
+                                    where=f"the {shards.split} split of {shards.root}")
     # Said once per run without a flag to remember it: by rank 0, for the train split (a run
     # builds its train loader once, its val loader possibly many times).
-    backend = _pick_backend(cfg.backend, announce=rank == 0 and split == "train")
-    kwargs = dict(train=train, rank=rank, world_size=world_size, device=device, seed=seed)
+    backend = _pick_backend(cfg.backend, announce=rank == 0 and shards.split == "train")
+    kwargs = dict(batch_size=batch_size, train=train, rank=rank, world_size=world_size,
+                  device=device, seed=seed)
     if backend == "dali":
         from .dali_pipeline import DaliBatches
         return Loader(DaliBatches(shards, cfg, exact_epochs=exact_epochs, **kwargs), "dali", num_batches)

@@ -21,8 +21,6 @@ def rank_range(total: int, world_size: int, rank: int) -> tuple[int, int]:
 
 def batches_per_epoch(total: int, world_size: int, batch_size: int, where: str) -> int:
     """Batches every rank yields per epoch; DataError when not even one fits."""
-    if batch_size < 1:  # a config's data.batch_size=0 means "derive it" (recipe.py), not a size
-        raise ValueError(f"batch_size must be the resolved per-process batch, got {batch_size}")
     n = total // (world_size * batch_size)
     if n < 1:
         raise DataError(f"{where} has {total} samples, fewer than processes x batch_size = "

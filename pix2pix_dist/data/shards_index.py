@@ -1,4 +1,4 @@
-"""Find the tar shards of one split and count their samples (format: pix2pix_dist.shard_format).
+"""Find the tar shards of each split and count their samples (format: pix2pix_dist.shard_format).
 
 The manifest is the source of truth when present; without it (shards from another tool) the
 tars are listed by name and counted from their index files, or by walking the tar.
@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..shard_format import (MANIFEST, PROGRESS, ManifestError, index_name, index_sample_count,
-                            is_shard_tar, load_manifest, manifest_records, tar_sample_count)
+from ..errors import warn
+from ..shard_format import (MANIFEST, PROGRESS, SPLITS, ManifestError, index_name,
+                            index_sample_count, is_shard_tar, load_manifest, manifest_records,
+                            tar_sample_count)
 from .errors import DataError
 
 
@@ -35,8 +38,33 @@ class ShardSet:
         return sum(s.samples for s in self.shards)
 
 
-def find_shards(root: str | Path, split: str) -> ShardSet:
-    """The shards of `split` under `root`, in reading order; DataError if there are none."""
+@dataclass(frozen=True)
+class Splits:
+    """The splits found under `root` (find_splits): `splits["train"]`, `splits.for_eval()`."""
+    root: Path
+    found: dict[str, ShardSet]
+
+    def __getitem__(self, split: str) -> ShardSet:
+        if split not in self.found:
+            raise DataError(f"no {split} shards in {self.root} (expected {MANIFEST} or "
+                            f"{split}-*.tar); write them with `make shards`")
+        return self.found[split]
+
+    def for_eval(self) -> ShardSet:
+        """The split the training loop's sample grids and evaluation read: val, or, for shards
+        written without one, train, announced (the scores are then on training data). The one
+        place that falls back; a val split listed but damaged was refused by find_splits."""
+        if "val" in self.found:
+            return self.found["val"]
+        warn(f"{self.root} has no val split; the sample grids and eval.every use train images "
+             f"(scores on training data)")
+        return self["train"]
+
+
+def find_splits(root: str | Path, splits: Iterable[str] = SPLITS) -> Splits:
+    """The shards of each of `splits` under `root`, in reading order, the manifest read once.
+    DataError when a shard the manifest lists is missing, not a regular file or truncated: a
+    damaged split is never taken for an absent one."""
     root = Path(root)
     # exists(), not is_file(): a manifest that is a FIFO is an error (load_manifest), not absent.
     has_manifest = os.path.lexists(root / MANIFEST)
@@ -44,22 +72,30 @@ def find_shards(root: str | Path, split: str) -> ShardSet:
         # The writer removes the manifest while it works and writes it last.
         raise DataError(f"the shards in {root} are incomplete (an interrupted or running "
                         f"`make shards`); run the same command again to finish them")
-    shards = _from_manifest(root, split) if has_manifest else _from_listing(root, split)
-    if not shards:
-        raise DataError(f"no {split} shards in {root} (expected {MANIFEST} or {split}-*.tar); "
-                        f"write them with `make shards`")
-    return ShardSet(root, split, tuple(shards))
+    found = _from_manifest(root, splits) if has_manifest else {
+        split: _from_listing(root, split) for split in splits}
+    return Splits(root, {split: ShardSet(root, split, tuple(shards))
+                         for split, shards in found.items() if shards})
 
 
-def _from_manifest(root: Path, split: str) -> list[Shard]:
+def find_shards(root: str | Path, split: str) -> ShardSet:
+    """The shards of `split` under `root`, in reading order; DataError if there are none."""
+    return find_splits(root, [split])[split]
+
+
+def _from_manifest(root: Path, splits: Iterable[str]) -> dict[str, list[Shard]]:
     try:
-        records, problems = manifest_records(load_manifest(root), [split])
+        manifest = load_manifest(root)
     except ManifestError as e:
         raise DataError(f"{e}; rewrite the shards with `make shards`") from None
+    # A split the manifest does not name at all has no shards (hand-written manifests).
+    named = manifest.get("splits") if isinstance(manifest, dict) else None
+    splits = [s for s in splits if not isinstance(named, dict) or s in named]
+    records, problems = manifest_records(manifest, splits)
     if problems:
         raise DataError(f"{root / MANIFEST} is malformed ({problems[0]}); rewrite the shards with `make shards`")
-    shards = []
-    for _, rec in records:
+    shards: dict[str, list[Shard]] = {split: [] for split in splits}
+    for split, rec in records:
         tar, index = root / rec["tar"], root / rec["index"]
         if not tar.is_file():
             raise DataError(f"{root / MANIFEST} lists {rec['tar']} but {tar} is missing (or not a regular file); "
@@ -68,7 +104,7 @@ def _from_manifest(root: Path, split: str) -> list[Shard]:
         if size != rec["bytes"]:  # a stat per shard: caught here, before any worker or pipeline starts
             raise DataError(f"{tar} is {size} bytes, {MANIFEST} says {rec['bytes']}: truncated or changed "
                             f"after writing; rewrite the shards with `make shards`")
-        shards.append(Shard(tar, index if index.is_file() else None, rec["samples"]))
+        shards[split].append(Shard(tar, index if index.is_file() else None, rec["samples"]))
     return shards
 
 

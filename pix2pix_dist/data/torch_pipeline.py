@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import warnings
 import zlib
 from collections.abc import Iterator
 
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..config import DataConfig
+from ..errors import warn
 from ..imageio import first_line
 from .errors import DataError
 from .geometry import Augment, decode
@@ -117,9 +117,10 @@ def _worker_init(_: int) -> None:
 class TorchBatches:
     """Per-epoch DataLoader over this rank's part; batches formed in the main process."""
 
-    def __init__(self, shards: ShardSet, cfg: DataConfig, *, train: bool, rank: int,
-                 world_size: int, device: torch.device, seed: int) -> None:
+    def __init__(self, shards: ShardSet, cfg: DataConfig, *, batch_size: int, train: bool,
+                 rank: int, world_size: int, device: torch.device, seed: int) -> None:
         self.shards, self.cfg, self.rank, self.device, self.seed = shards, cfg, rank, device, seed
+        self.batch_size = batch_size
         self.start, self.stop = rank_range(shards.total, world_size, rank)
         self.augment = Augment(cfg.crop_size, cfg.load_size, train, cfg.flip,
                                cfg.random_resized_crop, cfg.rrc_min_scale, cfg.resize)
@@ -129,7 +130,7 @@ class TorchBatches:
     def batches(self, epoch: int, count: int, with_keys: bool = False
                 ) -> Iterator[tuple[torch.Tensor, list[str] | None]]:
         """`count` batches of epoch `epoch`: (uint8 (B,3,S,S) on the device, keys or None)."""
-        batch = self.cfg.batch_size
+        batch = self.batch_size
         workers = max(1, min(self.cfg.num_threads, self.stop - self.start))
         dataset = _RankSamples(self.shards, self.start, self.stop, self.augment,
                                decode_here=not self.gpu_decode,
@@ -158,7 +159,7 @@ class TorchBatches:
             item = next(stream, None)
             if item is None:
                 raise DataError(f"rank {self.rank}: too few decodable {self.shards.split} samples "
-                                f"in {self.shards.root} for {count} batches of {self.cfg.batch_size} "
+                                f"in {self.shards.root} for {count} batches of {self.batch_size} "
                                 f"({self.skipped} corrupt samples skipped)")
             status, shard, key, payload = item
             if status == "damaged":
@@ -173,8 +174,7 @@ class TorchBatches:
     def _skip(self, name: str, reason: str) -> None:
         self.skipped += 1
         shard, _, key = name.partition("/")
-        warnings.warn(f"skipped corrupt sample {key} in shard {shard} of {self.shards.root}: {reason}",
-                      RuntimeWarning, stacklevel=4)
+        warn(f"skipped corrupt sample {key} in shard {shard} of {self.shards.root}: {reason}")
 
     def _decode_on_device(self, items: list[tuple[str, torch.Tensor]], epoch: int
                           ) -> list[tuple[str, torch.Tensor]]:
