@@ -197,7 +197,7 @@ def test_a_copied_or_renamed_folder_is_damaged_not_resumed_at_the_wrong_step(tmp
         manager(tmp_path, accelerator).resume(str(copy), seed=0)
     fresh = manager(tmp_path, accelerator)
     assert fresh.resume("auto", seed=0) == (10, 0) and fresh.resumed_from == ten
-    assert "skipping damaged checkpoint" in capsys.readouterr().out
+    assert "skipping damaged checkpoint" in capsys.readouterr().err
     assert copy.with_name("step-00000030.damaged").is_dir() and saved_steps(tmp_path) == [10]
     moved = shutil.copytree(ten, tmp_path / "kept-aside")  # any other name: the manifest decides
     assert manager(tmp_path, accelerator).resume(str(moved), seed=0) == (10, 0)
