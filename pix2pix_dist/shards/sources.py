@@ -97,7 +97,7 @@ def _list_zip(path: Path) -> list[Candidate]:
 def open_source(spec: str | os.PathLike) -> Source:
     """Resolve `spec` ('sample', a folder or a .zip) and list its image files."""
     if str(spec) == SAMPLE:
-        root = sample_dir()
+        root = sample_dir().resolve()  # resolved like a folder source, so --val-source compares equal
         src = Source("sample", root, SAMPLE, *_walk(root))
     else:
         path = Path(spec).expanduser()
