@@ -31,8 +31,9 @@ from .atomic import atomic_write
 from .cli import CliError, parse
 from .errors import run_main
 from .export import GeneratorExport, NormMode, load_export
-from .imageio import DEFAULT_MAX_PIXELS, Skip, display_name, find_image_files, load_rgb
-from .inference import GeometryError, compose, image_seed, model_input, predict_ab
+from .imageio import DEFAULT_MAX_PIXELS, Skip, display_name, find_image_files, load_image, to_rgb
+from .inference import (GeometryError, RowReader, compose_rows, image_seed, model_input_rows,
+                        predict_ab)
 
 PROGRESS_MIN_FILES = 6
 """A progress bar for this many files or more; a handful finish before one would help."""
@@ -117,31 +118,30 @@ def colorize_files(opts: ColorizeOptions, exported: GeneratorExport, device: tor
     used = {os.path.relpath(os.path.realpath(p), root).lower() for p, _ in files}
     skipped: Counter[str] = Counter()
 
-    def loaded() -> Iterator[tuple[Path, torch.Tensor, torch.Tensor, int, int, int]]:
+    def loaded() -> Iterator[tuple[Path, Image.Image, torch.Tensor, int, int, int]]:
         for path, relative in tqdm(files, unit="img", dynamic_ncols=True,
                                    disable=not opts.progress or len(files) < PROGRESS_MIN_FILES):
             try:
-                with warnings.catch_warnings():  # read-only pixels: nothing here writes to them
-                    warnings.simplefilter("ignore", UserWarning)
-                    rgb = torch.from_numpy(load_rgb(path, opts.max_pixels))
-                rgb = rgb.permute(2, 0, 1).to(device)
-                L, h, w = model_input(rgb, settings, 2 ** generator.num_downs)
+                image = load_image(path, opts.max_pixels)
+                L, h, w = model_input_rows(image_rows(image), image.height, image.width, settings,
+                                           2 ** generator.num_downs, device)
             except (Skip, GeometryError) as exc:
                 skipped[exc.reason if isinstance(exc, Skip) else "too_thin"] += 1
                 # One line, whatever the name.
                 tqdm.write(f"skipped {display_name(str(path))}: {exc}", file=sys.stderr)
                 continue
-            yield output_name(relative, suffix, used), rgb, L, h, w, image_seed(str(relative))
+            yield output_name(relative, suffix, used), image, L, h, w, image_seed(str(relative))
 
     written = 0
     for _, same_size in itertools.groupby(loaded(), key=lambda item: item[2].shape):
         while batch := list(itertools.islice(same_size, batch_size)):
             ab = predict_ab(generator, torch.cat([item[2] for item in batch]), mode,
                             [item[5] for item in batch])
-            for (dest, rgb, _, h, w, _), one in zip(batch, ab):
-                image = Image.fromarray(compose(rgb, one[:, :h, :w]).permute(1, 2, 0).cpu().numpy())
+            for (dest, image, _, h, w, _), one in zip(batch, ab):
+                image = colorized(image, one[:, :h, :w])
                 data = io.BytesIO()  # PNG ignores `quality`
                 image.save(data, format=opts.format, quality=opts.quality)
+                image.close()
                 target = opts.output / dest
                 # Checked before mkdir, which would otherwise create folders behind the link.
                 if not target.parent.resolve().is_relative_to(root):
@@ -151,6 +151,30 @@ def colorize_files(opts: ColorizeOptions, exported: GeneratorExport, device: tor
                 atomic_write(target, data.getvalue())
                 written += 1
     return written, dict(skipped)
+
+
+def image_rows(image: Image.Image) -> RowReader:
+    """A RowReader over a decoded image of any mode (converted to RGB a strip at a time)."""
+    def read(top: int, bottom: int) -> torch.Tensor:
+        with warnings.catch_warnings():  # read-only pixels: nothing here writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(to_rgb(image.crop((0, top, image.width, bottom))))
+    return read
+
+
+def colorized(image: Image.Image, ab: torch.Tensor) -> Image.Image:
+    """`image`'s own lightness with the colour `ab` (2,h,w normalised), as an RGB image: written
+    over `image` itself when it is RGB (each strip is read before it is overwritten), else into
+    a new one. Peak memory per pixel: docs/design.md ("Colorize memory")."""
+    out = image if image.mode == "RGB" else Image.new("RGB", image.size)
+
+    def write(top: int, rows: torch.Tensor) -> None:
+        out.paste(Image.fromarray(rows.cpu().numpy()), (0, top))
+
+    compose_rows(image_rows(image), write, image.height, image.width, ab)
+    if out is not image:
+        image.close()
+    return out
 
 
 def run(opts: ColorizeOptions) -> int:

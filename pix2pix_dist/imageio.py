@@ -130,6 +130,12 @@ class Skip(Exception):
 def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """(H, W, 3) uint8 RGB of an image file, EXIF-oriented, possibly read-only (copies of a
     large photo are what this module avoids); raises Skip."""
+    return to_rgb(load_image(path, max_pixels))
+
+
+def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The decoded, EXIF-oriented image of a file, in its own mode (`to_rgb` converts it, also a
+    strip at a time: colorize never holds a second full-size copy); raises Skip."""
     try:
         f = open_regular(path)  # a FIFO would block open() forever
     except NotRegularFile:
@@ -141,9 +147,14 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             with warnings.catch_warnings():
                 # Our own bound replaces PIL's decompression-bomb warning (an error above 2x).
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with open_bounded(f, max_pixels) as im:
+                im = open_bounded(f, max_pixels)
+                try:
                     ImageOps.exif_transpose(im, in_place=True)  # no copy when upright
-                    return to_rgb(im)
+                    im.load()  # decoded now, while the file is open
+                except BaseException:
+                    im.close()
+                    raise
+                return im
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             raise Skip("unreadable", first_line(exc)) from None
 

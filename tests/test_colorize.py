@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from pix2pix_dist.colorize import find_inputs, output_name
 from pix2pix_dist.imageio import find_image_files
 from pix2pix_dist import inference
 from pix2pix_dist.export import InferenceSettings
+from pix2pix_dist.data.geometry import resize
+from pix2pix_dist.data.lab import lab_to_rgb, uint8_to_lab
 from pix2pix_dist.inference import GeometryError, compose, model_shape
 from pix2pix_dist.shards.sources import open_source
 from test_evaluate import tiny_export
@@ -67,6 +70,40 @@ def test_compose_in_row_chunks_equals_one_piece(monkeypatch):
     whole = compose(rgb, ab)
     monkeypatch.setattr(inference, "CHUNK_PIXELS", 20_000)  # 44 rows at a time
     assert torch.equal(compose(rgb, ab), whole)
+
+
+def test_full_resolution_colour_is_kornias_lab_to_rgb_within_one_level():
+    """compose's table-driven Lab -> RGB against the training code's own (data/lab.py, Kornia)
+    on the same L and bilinearly resized ab."""
+    rgb = torch.from_numpy(skdata.astronaut()).permute(2, 0, 1).contiguous()
+    for ab in (torch.rand(2, 37, 53) * 2 - 1, torch.rand(2, 64, 64) * 0.6 - 0.3, torch.zeros(2, 1, 1)):
+        ab_full = torch.nn.functional.interpolate(ab[None], size=rgb.shape[-2:], mode="bilinear",
+                                                  align_corners=False)
+        L, _ = uint8_to_lab(rgb[None])
+        expected = lab_to_rgb(L, ab_full)[0].mul(255).round().to(torch.uint8)
+        diff = (compose(rgb, ab).int() - expected.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.005
+
+
+def test_network_input_from_strips_is_the_whole_image_resize(monkeypatch):
+    """colorize reads a photo a strip at a time; the network still sees validation's resize of
+    the whole image, exactly (CPU)."""
+    rgb = torch.from_numpy(skdata.chelsea()).permute(2, 0, 1).contiguous()  # 300 x 451
+    for mode in ("shorter_side", "square"):
+        settings = InferenceSettings(crop_size=64, resize=mode)
+        whole, _ = uint8_to_lab(resize(rgb, 64, mode)[None])
+        monkeypatch.setattr(inference, "CHUNK_PIXELS", 20_000)  # 44 rows at a time
+        L, h, w = inference.model_input(rgb, settings, 32)
+        assert torch.equal(L[..., :h, :w], whole)
+        upscaled, h, w = inference.model_input(rgb[:, :40, :50], InferenceSettings(crop_size=64, resize=mode), 32)
+        assert torch.equal(upscaled[..., :h, :w], uint8_to_lab(resize(rgb[:, :40, :50], 64, mode)[None])[0])
+
+
+def test_importing_colorize_leaves_out_torchvision_and_torch_compile():
+    """torchvision imports torch._dynamo: about 180 MB of memory colorize never uses."""
+    proc = run_python(["-c", "import sys, pix2pix_dist.colorize; print(sorted(m for m in "
+                       "('torchvision', 'torch._dynamo', 'webdataset') if m in sys.modules))"])
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
 
 
 def test_recorded_norm_mode_is_used_and_the_modes_differ(tmp_path, capsys):
@@ -186,8 +223,31 @@ def test_a_large_photo_is_colorized_without_full_size_float_copies(export, tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     growth = int(proc.stdout.split("peak-growth-kib")[1].split()[0]) * 1024
     assert Image.open(tmp_path / "out" / "big.jpg").size == (width, height)
-    # uint8 decode, input and output, one 2-channel float32 ab: about 20 bytes/pixel
-    assert growth < 25 * height * width, growth / (height * width)
+    # The decoded image, coloured in place (4 bytes/pixel in PIL), plus a strip's temporaries.
+    assert growth < 5 * height * width + inference.CHUNK_PIXELS * 48, growth / (height * width)
+
+
+PEAK_OF_A_PROCESS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+                     "print('peak-kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+@pytest.mark.slow
+def test_a_100_mp_palette_png_and_a_56_mp_photo_stay_under_1_5_gb(export, tmp_path):
+    """The README's bound: peak RSS of the whole colorize process, imports included."""
+    index = np.add.outer(np.arange(9990) // 37, np.arange(9990) // 53).astype(np.uint8)
+    palette = Image.fromarray(index, "P")
+    palette.putpalette(np.random.default_rng(0).integers(0, 256, 768, dtype=np.uint8).tobytes())
+    palette.save(tmp_path / "palette.png")  # under 1 MB on disk, 100 MP decoded
+    del index, palette
+    Image.fromarray(skdata.astronaut()).resize((8640, 6480)).save(tmp_path / "photo.jpg", quality=90)
+    for name in ("palette.png", "photo.jpg"):
+        proc = run_python(["-c", PEAK_OF_A_PROCESS, sys.executable, "-m", "pix2pix_dist.colorize",
+                           str(tmp_path / name), "--generator", str(export), "--output",
+                           str(tmp_path / "out"), "--format", "jpeg"], timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peak = int(proc.stdout.split("peak-kib")[1].split()[0]) * 1024
+        assert peak < 1.5e9, (name, peak / 1e9)
+    assert Image.open(tmp_path / "out" / "palette.jpg").size == (9990, 9990)
 
 
 @pytest.mark.gpu

@@ -402,3 +402,20 @@ def test_damaged_shard_is_one_line_on_the_gpu(tmp_path, backend):
     with pytest.raises(DataError, match=r"train-000001\.tar is damaged") as err:
         epoch(ld)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("resize_mode", ["shorter_side", "square"])
+def test_geometry_resize_is_torchvisions_without_importing_it(resize_mode):
+    """data/geometry.resize calls torch directly (inference must not import torchvision); it
+    must stay torchvision's resize exactly: sizes, rounding, up and down."""
+    import torchvision.transforms.v2.functional as TF
+
+    from pix2pix_dist.data.geometry import resize
+
+    gen = torch.Generator().manual_seed(0)
+    for height, width in [(100, 150), (151, 97), (300, 300), (40, 50), (50, 1000)]:
+        img = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=gen)
+        for side in (64, 72, 256):
+            size = [side, side] if resize_mode == "square" else [side]
+            expected = TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            assert torch.equal(resize(img, side, resize_mode), expected), (height, width, side)

@@ -3,7 +3,9 @@ crop, flip) on uint8 (3,H,W) tensors, CPU or CUDA.
 
 Imported by both input backends (the DALI pipeline mirrors this geometry with its own
 operators), by validation, evaluation and inference, so a change here changes every one of them.
-Only torch and torchvision: inference imports it without webdataset or the DataLoader.
+Only torch, and torchvision imported where it is used (decode and the training crops): importing
+torchvision imports torch._dynamo, about 180 MB of memory and seconds of start-up that
+inference (colorize, which validation's `resize` serves) never needs.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import random
 from dataclasses import dataclass
 
 import torch
-import torchvision.transforms.v2.functional as TF
-from torchvision.io import ImageReadMode, decode_jpeg
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,12 @@ class Augment:
 
     def __call__(self, img: torch.Tensor, rng: random.Random) -> torch.Tensor:
         size = self.crop_size
-        if not self.train:  # training's resize, then the centre crop
-            return TF.center_crop(resize(img, self.load_size, self.resize), [size, size]).contiguous()
+        if not self.train:  # training's resize, then the centre crop (torchvision's anchor)
+            img = resize(img, self.load_size, self.resize)  # both sides >= S now
+            top, left = (int(round((side - size) / 2.0)) for side in img.shape[-2:])
+            return img[..., top:top + size, left:left + size].contiguous()
+        import torchvision.transforms.v2.functional as TF
+
         if self.random_resized_crop:
             top, left, h, w = self._rrc_window(img.shape[-2], img.shape[-1], rng)
             img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
@@ -62,14 +67,37 @@ class Augment:
         return (height - side) // 2, (width - side) // 2, side, side
 
 
+def resized_shape(height: int, width: int, side: int, mode: str) -> tuple[int, int]:
+    """(h, w) of `resize`: torchvision's rule for resize(img, [side]) truncates the long side."""
+    if mode == "square":
+        return side, side
+    return (side, int(side * width / height)) if height <= width else (int(side * height / width), side)
+
+
 def resize(img: torch.Tensor, side: int, mode: str) -> torch.Tensor:
     """`shorter_side`: the shorter side to `side`, aspect ratio kept; `square`: the whole image to
-    side x side. Bicubic, antialiased (PIL's BICUBIC), as pix2pix's and the tutorial's resize."""
-    size = [side, side] if mode == "square" else [side]
-    return TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    side x side. Bicubic, antialiased (PIL's BICUBIC), as pix2pix's and the tutorial's resize.
+    torchvision's resize, without importing it: uint8 natively on the CPU (separable, horizontal
+    pass first, as PIL), through float32 with rounding on CUDA (tests/test_data.py checks it)."""
+    return resize_to(img, *resized_shape(img.shape[-2], img.shape[-1], side, mode))
+
+
+def resize_to(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> (..., 3, height, width), the bicubic antialiased resize above."""
+    if tuple(img.shape[-2:]) == (height, width):
+        return img
+    x = img.reshape(-1, *img.shape[-3:])
+    native = img.device.type == "cpu"
+    out = F.interpolate(x if native else x.float(), size=[height, width], mode="bicubic",
+                        align_corners=False, antialias=True)
+    if not native:
+        out = out.clamp_(0, 255).round_().to(torch.uint8)
+    return out.reshape(*img.shape[:-2], height, width)
 
 
 def decode(data: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """JPEG bytes (uint8 1-D) -> uint8 (3,H,W) RGB; raises RuntimeError on a corrupt file."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 

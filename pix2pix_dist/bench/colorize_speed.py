@@ -1,0 +1,193 @@
+"""Full-resolution colorize against its floor: decoding each photo and encoding an output of the
+same size, alone, on the same files, in one run; and colorize's peak memory per megapixel.
+
+    python -m pix2pix_dist.bench.colorize_speed                 # 2, 12 and 24 MP photos, PNG out
+    python -m pix2pix_dist.bench.colorize_speed --format jpeg --sizes 24,56
+
+Per photo, interleaved and repeated (the minimum of `--repeat` tries is kept, so a busy machine
+shifts both sides alike): `floor` = decode (the file into a PIL image) + encode (RGB, the output
+format) + atomic write; `colorize` = pix2pix-colorize's own per-file path (colorize_files) with
+the given generator, split into its stages: decode, network input, network, full-resolution
+colour, encode + write. Peak RSS: `pix2pix-colorize` on each photo in a fresh process
+(ru_maxrss), minus nothing: what a user's process reaches, imports included.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_write
+from ..cli import CliError, parse
+from ..imageio import load_image
+
+
+@dataclass
+class ColorizeBenchSettings:
+    sizes: str = "2,12,24"
+    """Photo sizes in megapixels (3:2 photos made from scikit-image's astronaut, with noise)."""
+    format: Literal["png", "jpeg"] = "png"
+    """Output format (colorize's default: png)."""
+    generator: str | None = None
+    """A generator export; default: a freshly initialised generator of the default recipe
+    (unet_256 at crop 256; the weights do not change the time)."""
+    repeat: int = 2
+    """Tries per photo and side; the minimum is reported."""
+    cache: str = "benchmarks/colorize-photos"
+    """Folder for the generated photos (reused)."""
+    memory: bool = True
+    """Also measure peak RSS per photo (a pix2pix-colorize process each)."""
+
+
+def make_photo(folder: Path, megapixels: float) -> Path:
+    """A 3:2 JPEG (quality 90) of about `megapixels`, textured like a photo (noise on an
+    upscaled picture), generated once."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    width = int(round((megapixels * 1e6 * 1.5) ** 0.5))
+    height = int(round(width / 1.5))
+    path = folder / f"photo-{width}x{height}.jpg"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        big = np.asarray(Image.fromarray(skdata.astronaut()).resize((width, height), Image.BICUBIC))
+        noise = np.random.default_rng(0).normal(0, 4, big.shape[:2])[..., None]
+        Image.fromarray(np.clip(big + noise, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def default_export(folder: Path) -> Path:
+    from ..config import build_config
+    from ..export import export_generator, generator_meta
+    from ..models import UNetGenerator, init_weights
+
+    path = folder / "generator.safetensors"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = build_config(None)
+        torch.manual_seed(0)
+        generator = UNetGenerator(**generator_meta(cfg, 0)["model"])
+        init_weights(generator)
+        export_generator(generator, path, generator_meta(cfg, 0))
+    return path
+
+
+def floor_seconds(photo: Path, fmt: str, out: Path) -> float:
+    start = time.perf_counter()
+    image = load_image(photo, sys.maxsize)
+    data = io.BytesIO()
+    (image if image.mode == "RGB" else image.convert("RGB")).save(data, format=fmt, quality=95)
+    atomic_write(out / "floor", data.getvalue())
+    return time.perf_counter() - start
+
+
+def colorize_stages(photo: Path, fmt: str, export, out: Path) -> dict[str, float]:
+    """colorize's per-file work, timed stage by stage (colorize_files runs the same calls)."""
+    from ..colorize import colorized, image_rows
+    from ..inference import image_seed, model_input_rows, predict_ab
+
+    generator, settings = export.generator, export.settings
+    times, start = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal start
+        now = time.perf_counter()
+        times[name] = now - start
+        start = now
+
+    image = load_image(photo, sys.maxsize)
+    lap("decode")
+    L, h, w = model_input_rows(image_rows(image), image.height, image.width, settings,
+                               2 ** generator.num_downs, torch.device("cpu"))
+    lap("network input")
+    ab = predict_ab(generator, L, settings.norm_mode, [image_seed(photo.name)])
+    lap("network")
+    image = colorized(image, ab[0, :, :h, :w])
+    lap("full-resolution colour")
+    data = io.BytesIO()
+    image.save(data, format=fmt, quality=95)
+    atomic_write(out / "colorized", data.getvalue())
+    lap("encode + write")
+    times["total"] = sum(times.values())
+    return times
+
+
+def peak_rss_mib(photo: Path, generator: Path, fmt: str, out: Path) -> float:
+    """Peak RSS of `python -m pix2pix_dist.colorize photo` in a fresh process, in MiB."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+             "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    proc = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "pix2pix_dist.colorize",
+                           str(photo), "--generator", str(generator), "--output", str(out),
+                           "--format", fmt, "--no-progress"], capture_output=True, text=True, check=True)
+    return int(proc.stdout.split()[-1]) / 1024
+
+
+def run(s: ColorizeBenchSettings) -> dict:
+    from ..export import load_export
+
+    cache = Path(s.cache)
+    generator = Path(s.generator) if s.generator else default_export(cache)
+    export = load_export(generator, torch.device("cpu"))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        for mp in (float(x) for x in s.sizes.split(",")):
+            photo = make_photo(cache, mp)
+            floor, stages = [], []
+            for _ in range(s.repeat):
+                floor.append(floor_seconds(photo, s.format, out))
+                stages.append(colorize_stages(photo, s.format, export, out))
+            best = min(stages, key=lambda t: t["total"])
+            megapixels = load_image(photo, sys.maxsize).size
+            megapixels = megapixels[0] * megapixels[1] / 1e6
+            entry = {"photo": photo.name, "megapixels": round(megapixels, 1),
+                     "floor_s": min(floor), "colorize_s": best["total"],
+                     "ratio": best["total"] / min(floor), "stages_s": best}
+            if s.memory:
+                peak = peak_rss_mib(photo, generator, s.format, out)
+                entry.update(peak_rss_mib=peak, peak_rss_mib_per_mp=peak / megapixels)
+            print(json.dumps(entry), flush=True)
+            results.append(entry)
+    return {"format": s.format, "threads": torch.get_num_threads(), "generator": str(generator),
+            "photos": results}
+
+
+def format_table(r: dict) -> str:
+    lines = [f"colorize vs decode + encode ({r['format']} out, {r['threads']} threads, min of tries)",
+             "| photo | MP | decode+encode s | colorize s | ratio | decode | net input | network "
+             "| colour | encode+write | peak RSS MiB | MiB/MP |", "|" + "---|" * 12]
+    for e in r["photos"]:
+        st = e["stages_s"]
+        lines.append(f"| {e['photo']} | {e['megapixels']} | {e['floor_s']:.2f} | {e['colorize_s']:.2f} "
+                     f"| {e['ratio']:.2f}x | {st['decode']:.2f} | {st['network input']:.2f} "
+                     f"| {st['network']:.2f} | {st['full-resolution colour']:.2f} "
+                     f"| {st['encode + write']:.2f} | {e.get('peak_rss_mib', float('nan')):.0f} "
+                     f"| {e.get('peak_rss_mib_per_mp', float('nan')):.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        s = parse(ColorizeBenchSettings, sys.argv[1:] if argv is None else argv,
+                  prog="python -m pix2pix_dist.bench.colorize_speed",
+                  description=__doc__.split("\n\n")[0])
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(run(s)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
