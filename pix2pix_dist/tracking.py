@@ -34,6 +34,7 @@ from torchvision.utils import make_grid
 
 from pix2pix_dist.atomic import atomic_write
 from pix2pix_dist.config import Config, ConfigError, leaf_items
+from pix2pix_dist.files import open_fd, read_text
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -98,7 +99,7 @@ class RunTracker:
         # wandb ignores steps lower than those a run has already logged.
         id_path = self.run_dir / "wandb_run_id.txt"
         if resume_step > 0 and id_path.exists():
-            run_id = id_path.read_text().strip()
+            run_id = read_text(id_path).strip()
         else:
             run_id = secrets.token_hex(4)  # wandb ids: lowercase letters and digits
             atomic_write(id_path, run_id + "\n")
@@ -114,7 +115,8 @@ class RunTracker:
         values = {key: float(value) for key, value in values.items()}
         self.accelerator.log(values, step=step)
         line = json.dumps({"step": step, **values, "time": time.time()})
-        with open(self.stats_path, "a") as f:  # closed (flushed) per line: survives a crash
+        # Closed (flushed) per line: survives a crash. open_fd: a FIFO would block open().
+        with open(open_fd(self.stats_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
             f.write(line + "\n")
 
     def log_grid(self, step: int, gray: torch.Tensor, pred: torch.Tensor,
@@ -198,7 +200,7 @@ def _truncate_stats(path: Path, resume_step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in read_text(path).splitlines():
         with contextlib.suppress(ValueError, KeyError, TypeError):  # a line torn by a crash
             if json.loads(line)["step"] <= resume_step:
                 kept.append(line + "\n")

@@ -4,6 +4,7 @@ tensorboard event files, and the tracker-independent stats.jsonl and sample PNGs
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -226,3 +227,19 @@ def test_close_leaves_the_process_group_to_the_caller(tmp_path):
         assert torch.distributed.is_initialized()
     finally:
         torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["stats.jsonl", "wandb_run_id.txt"])
+def test_a_fifo_in_the_run_folder_is_refused_never_opened(tmp_path, name):
+    """open() of a FIFO blocks: the tracker's files are checked to be regular files first."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.mkfifo(run_dir / name)
+    for resume_step in (0, 20):  # a fresh run appends to stats.jsonl; a resumed one reads both
+        if name == "wandb_run_id.txt" and resume_step == 0:
+            continue  # a fresh run replaces the id file (atomic rename), never reads it
+        with pytest.raises(OSError, match="not a regular file"):
+            # wandb only where the id is read (before wandb starts): no run is left open
+            tracker = make_tracker(run_dir, "wandb" if name == "wandb_run_id.txt" else "none",
+                                   resume_step=resume_step)
+            tracker.log_scalars(30, {"loss": 3.0})
