@@ -115,6 +115,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    generator: Literal["unet", "resnet18-unet", "resnet34-unet"] = "unet"
+    """`unet`: pix2pix's U-Net (unet_256 at num_downs 8), trained from scratch; `resnet18-unet` /
+    `resnet34-unet`: a U-Net whose encoder is a ResNet (the COCO tutorial's final model; starts
+    from model.encoder_weights; inputs multiples of 32; ngf, num_downs, norm and dropout are the
+    U-Net's and do not apply). README: "Which generator"."""
+    encoder_weights: str = "imagenet"
+    """Starting weights of a ResNet encoder: `imagenet` (torchvision's, via torch hub's cache:
+    downloaded once when online), `none` (random), or a local torch.save'd ResNet state_dict.
+    A 3-channel first convolution is summed over its channels. Read only when a run starts fresh
+    (a resumed run has its weights, so a resume may name another source or none)."""
     ngf: int = 64
     """Generator filters in the first layer (pix2pix: 64)."""
     num_downs: int = 8
@@ -151,8 +161,15 @@ class OptimConfig:
     beta2: float = 0.999
     """Adam beta2."""
     decay_fraction: float = 0.5
-    """Final share of the run's steps over which the learning rate decays linearly, reaching
-    exactly 0 at the last step (pix2pix: 0.5, its second half); 0 keeps it constant."""
+    """Final share of each phase's steps (the L1 warm-up's, then the GAN's) over which its
+    learning rate decays linearly, reaching exactly 0 at the phase's last step (pix2pix: 0.5, its
+    second half); 0 keeps it constant."""
+    warmup_lr: float = 1e-4
+    """Adam learning rate of the L1 warm-up (train.l1_warmup_epochs) at optim.reference_batch
+    (the tutorial: 1e-4), scaled like optim.lr."""
+    warmup_beta1: float = 0.9
+    """Adam beta1 of the L1 warm-up (the tutorial's pretraining uses Adam's default, 0.9). The
+    GAN phase starts G's Adam afresh with optim.beta1, as the tutorial's new optimizer does."""
 
 
 @dataclass
@@ -162,6 +179,12 @@ class TrainConfig:
     where an epoch is train images // global batch steps."""
     steps: int = 0
     """Pin the run length in optimizer steps instead of train.epochs (0: derived from it)."""
+    l1_warmup_epochs: float = 0.0
+    """Epochs of an L1 warm-up before the GAN phase (the tutorial's pretraining: 20): the
+    generator alone, L1 loss, optim.warmup_lr; the discriminator is untouched. train.epochs
+    (or train.steps) is the GAN phase that follows."""
+    l1_warmup_steps: int = 0
+    """Pin the warm-up's length in optimizer steps instead of train.l1_warmup_epochs."""
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     """`bf16`, `fp16` or `no`. On a machine without a GPU it falls back to `no` with a notice."""
     channels_last: BoolValue = True
@@ -244,8 +267,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "data.rrc_min_scale": (0, 1), "data.hw_decoder_load": (0, 1), "optim.lr": (0, 1),
     "optim.lambda_l1": (0, 10_000), "optim.beta1": (0, 0.9999), "optim.beta2": (0, 0.9999999),
     "optim.decay_fraction": (0, 1), "train.epochs": (0, 1_000_000),
+    "optim.warmup_lr": (0, 1), "optim.warmup_beta1": (0, 0.9999),
+    "train.l1_warmup_epochs": (0, 1_000_000), "train.l1_warmup_steps": (0, 1 << 40),
 }
-_ABOVE_LOW = {"data.rrc_min_scale", "optim.lr", "train.epochs"}  # (low, high]: low excluded
+_ABOVE_LOW = {"data.rrc_min_scale", "optim.lr", "train.epochs", "optim.warmup_lr"}  # (low, high]: low excluded
 
 
 @dataclass
@@ -284,11 +309,22 @@ class Config:
         for key in ("run_dir", "data.shards", "ckpt.resume", "log.project"):
             if not values[key].strip():
                 raise ConfigError(f"{key} is empty; give a value (see --help)")
-        step = 2 ** self.model.num_downs
-        if self.data.crop_size % step:
+        m = self.model
+        if m.generator != "unet":
+            if self.data.crop_size % 32:
+                raise ConfigError(f"data.crop_size={self.data.crop_size} must be divisible by 32 "
+                                  f"for model.generator={m.generator}")
+            if m.norm == "instance":
+                raise ConfigError(f"model.norm=instance is the pix2pix U-Net's option; "
+                                  f"model.generator={m.generator} uses BatchNorm (its encoder's)")
+            if m.encoder_weights not in ("imagenet", "none") and not Path(m.encoder_weights).is_file():
+                raise ConfigError(f"model.encoder_weights={m.encoder_weights!r}: no such file "
+                                  f"(use imagenet, none or the path of a ResNet state_dict)")
+        elif self.data.crop_size % 2 ** m.num_downs:
             raise ConfigError(
                 f"data.crop_size={self.data.crop_size} must be divisible by 2**model.num_downs="
-                f"{step} (unet_256: num_downs=8 and crop 256; unet_128: num_downs=7 and crop 128)")
+                f"{2 ** m.num_downs} (unet_256: num_downs=8 and crop 256; unet_128: num_downs=7 "
+                f"and crop 128)")
         if self.data.load_size < self.data.crop_size:
             raise ConfigError(f"data.load_size={self.data.load_size} must be at least "
                               f"data.crop_size={self.data.crop_size}")
@@ -328,6 +364,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim.lr": 2e-4, "optim.reference_batch": 16, "optim.beta1": 0.5, "optim.beta2": 0.999,
         "optim.decay_fraction": 0.0, "train.epochs": 100.0, "eval.norm_mode": "eval",
         "run_dir": "runs/tutorial",
+    },
+    # Source: the same tutorial's final model (section "A new strategy"): fastai
+    # `create_body(resnet18, pretrained=True, n_in=1, cut=-2)` + `DynamicUnet(body, 2, (256, 256))`,
+    # the generator pretrained alone for 20 epochs with L1 (Adam lr 1e-4, default betas), then the
+    # GAN for 20 epochs (Adam 2e-4 (0.5, 0.999), the same PatchGAN and losses), constant lr, batch
+    # 16, the 256x256 squash with flips. Deviations: our decoder is smp-style, not fastai's
+    # DynamicUnet (docs/design.md, "The ResNet-encoder generator": nearest-neighbour upsampling,
+    # no middle block or final input cross, a tanh output; 14.3M parameters); bf16 autocast on
+    # GPUs as in `tutorial`.
+    "tutorial-resnet": {
+        "data.shards": "shards/coco", "data.global_batch": 16, "data.resize": "square",
+        "data.load_size": 256, "data.crop_size": 256, "data.flip": True,
+        "model.generator": "resnet18-unet", "model.encoder_weights": "imagenet",
+        "train.l1_warmup_epochs": 20.0, "optim.warmup_lr": 1e-4, "optim.warmup_beta1": 0.9,
+        "optim.lr": 2e-4, "optim.reference_batch": 16, "optim.beta1": 0.5, "optim.beta2": 0.999,
+        "optim.decay_fraction": 0.0, "train.epochs": 20.0, "eval.norm_mode": "eval",
+        "run_dir": "runs/tutorial-resnet",
     },
     # Source: Isola et al., "Image-to-Image Translation with Conditional Adversarial Networks"
     # (CVPR 2017) and its reference code (junyanz/pytorch-CycleGAN-and-pix2pix, options/

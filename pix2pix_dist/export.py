@@ -1,7 +1,8 @@
 """Generator exports: the small safetensors file that inference (colorize, evaluate) loads.
 
 An export holds the generator's weights and buffers and two JSON metadata entries:
-- `pix2pix_dist.generator`: the UNetGenerator constructor arguments;
+- `pix2pix_dist.generator`: the architecture (`generator`: `unet`, `resnet18-unet`, ...) and its
+  constructor arguments (generators.generator_args; exports without `generator` are `unet`);
 - `pix2pix_dist.inference`: how the recipe expects inference to run (`InferenceSettings`:
   BatchNorm/dropout mode, resize rule, crop size) and the training step it was taken at.
 Exports written before the second entry existed load with its defaults.
@@ -28,7 +29,8 @@ from .atomic import atomic_write
 from .config import RENAMED_NORMS, Config, Norm
 from .errors import UserError
 from .imageio import first_line
-from .models import UNetGenerator
+from .generators import GENERATORS, build_generator, generator_args
+from .resnet_unet import ResNetUNet
 
 EXPORT_NAME = "generator.safetensors"
 """The export's file name in a run folder and in each checkpoint folder."""
@@ -65,16 +67,15 @@ class InferenceSettings:
 
 @dataclass
 class GeneratorExport:
-    generator: UNetGenerator
-    """On the requested device, in eval mode (inference.predict_ab switches it as needed)."""
+    generator: nn.Module
+    """UNetGenerator or ResNetUNet, on the requested device, in eval mode (inference.predict_ab
+    switches it as needed); `generator.num_downs` gives the multiple its inputs need."""
     settings: InferenceSettings
 
 
 def generator_meta(cfg: Config, step: int) -> dict[str, dict[str, Any]]:
     """What export_generator records for a run of `cfg` at `step`."""
-    m = cfg.model
-    model = {"in_channels": 1, "out_channels": 2, "num_downs": m.num_downs, "ngf": m.ngf,
-             "norm": m.norm, "dropout": m.dropout}
+    model = generator_args(cfg.model)
     settings = InferenceSettings(norm_mode=cfg.eval.norm_mode, resize=cfg.data.resize,
                                  crop_size=cfg.data.crop_size, load_size=cfg.data.load_size,
                                  step=step)
@@ -126,12 +127,15 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> Generat
     if MODEL_KEY not in metadata:
         raise ExportError(f"{path} is not a pix2pix_dist generator export (no {MODEL_KEY} metadata)")
     args = _model_args(_json(path, metadata[MODEL_KEY]), path)
+    num_downs = args.get("num_downs", ResNetUNet.num_downs)
     raw = _json(path, metadata[INFERENCE_KEY]) if INFERENCE_KEY in metadata else {
-        "crop_size": 2 ** args["num_downs"]}
-    settings = _settings(raw, args["num_downs"], path)
+        "crop_size": 2 ** num_downs}
+    settings = _settings(raw, num_downs, path)
 
-    with torch.device("meta"):  # the architecture's names and shapes, without allocating
-        generator = UNetGenerator(**args)
+    # The architecture's names and shapes, without allocating (and, for a ResNet encoder,
+    # without pretrained weights: the export holds them).
+    with torch.device("meta"):
+        generator = build_generator(args)
     expected = generator.state_dict()
     if set(tensors) != set(expected):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -168,21 +172,31 @@ def _is_int(value: Any) -> bool:
 
 
 def _model_args(raw: dict[str, Any], path: Path) -> dict[str, Any]:
-    keys = {"in_channels", "out_channels", "num_downs", "ngf", "norm", "dropout"}
-    if set(raw) != keys:
-        raise ExportError(f"{path}: model metadata must have exactly the keys {sorted(keys)}, "
-                          f"got {sorted(map(str, raw))}")
+    kind = raw.get("generator", "unet")  # written before the key existed: a pix2pix U-Net
+    if kind not in GENERATORS:
+        raise ExportError(f"{path}: invalid model metadata generator={kind!r} (this version "
+                          f"knows {', '.join(GENERATORS)})")
+    keys = {"in_channels", "out_channels"} | (
+        {"num_downs", "ngf", "norm", "dropout"} if kind == "unet" else set())
+    if set(raw) - {"generator"} != keys:
+        raise ExportError(f"{path}: {kind} model metadata must have exactly the keys "
+                          f"{sorted(keys | {'generator'})}, got {sorted(map(str, raw))}")
     checks = {
         "in_channels": raw["in_channels"] == 1 and _is_int(raw["in_channels"]),
         "out_channels": raw["out_channels"] == 2 and _is_int(raw["out_channels"]),
-        "num_downs": _is_int(raw["num_downs"]) and 5 <= raw["num_downs"] <= MAX_NUM_DOWNS,
-        "ngf": _is_int(raw["ngf"]) and 1 <= raw["ngf"] <= MAX_NGF,
-        "norm": isinstance(raw["norm"], str) and (raw["norm"] in get_args(Norm)
-                                                  or raw["norm"] in RENAMED_NORMS),
-        "dropout": isinstance(raw["dropout"], bool),
     }
+    if kind == "unet":
+        checks.update({
+            "num_downs": _is_int(raw["num_downs"]) and 5 <= raw["num_downs"] <= MAX_NUM_DOWNS,
+            "ngf": _is_int(raw["ngf"]) and 1 <= raw["ngf"] <= MAX_NGF,
+            "norm": isinstance(raw["norm"], str) and (raw["norm"] in get_args(Norm)
+                                                      or raw["norm"] in RENAMED_NORMS),
+            "dropout": isinstance(raw["dropout"], bool),
+        })
     _check(path, "model", checks, raw)
-    return dict(raw, norm=RENAMED_NORMS.get(raw["norm"], raw["norm"]))
+    if kind == "unet":
+        return dict(raw, norm=RENAMED_NORMS.get(raw["norm"], raw["norm"]))
+    return dict(raw)
 
 
 def _settings(raw: dict[str, Any], num_downs: int, path: Path) -> InferenceSettings:

@@ -4,6 +4,10 @@ Shared by the training loop and the benchmark, so the benchmark times the real s
 levers (fused Adam with an on-device skip, host reads every `train.sync_every` steps, compile,
 channels_last, `train.d_concat`) are described in docs/design.md, "The training step on the GPU".
 
+The L1 warm-up (train.l1_warmup_epochs) calls the step with `warmup=True`: G alone with L1, its
+own Adam lr and beta1; D is never called, so under DDP its wrapper has nothing to reduce (no
+unused-parameter error) and its weights, statistics and Adam state stay bit-identical.
+
 DDP and the BatchNorm discriminator: D's DDP wrapper does not broadcast buffers, and the G step
 calls D unwrapped with its parameters frozen; why: docs/design.md, "DDP and the BatchNorm
 discriminator".
@@ -19,13 +23,14 @@ from torch import nn
 from .config import Config, OptimConfig
 from .global_batchnorm import convert_to_global_batchnorm
 from .losses import d_loss, g_gan_loss, l1_loss
+from .generators import build_generator, generator_args
 from .models import PatchDiscriminator, UNetGenerator, init_weights
 
 
 @dataclass
 class Networks:
-    G_raw: UNetGenerator
-    """The plain generator: state_dict, export, sample grids."""
+    G_raw: nn.Module
+    """The plain generator (generators.build_generator): state_dict, export, sample grids."""
     D_raw: PatchDiscriminator
     """The plain discriminator: state_dict, freezing."""
     G: nn.Module
@@ -42,14 +47,17 @@ class Networks:
 
 def build_networks(cfg: Config, accelerator,
                    memory_format: torch.memory_format | None = None) -> Networks:
-    """Models (pix2pix init), Adam optimizers, compile and DDP via `accelerator.prepare`.
+    """Models (pix2pix init; a ResNet-encoder G keeps its own), Adam optimizers, compile and DDP
+    via `accelerator.prepare`. Pretrained encoder weights come later, on a fresh start only
+    (resnet_unet.load_encoder_weights).
 
     `memory_format` overrides the rule "channels_last on CUDA when train.channels_last" (tests
     use it to check the layout on a CPU)."""
     device, world, m = accelerator.device, accelerator.num_processes, cfg.model
-    G_raw = UNetGenerator(1, 2, num_downs=m.num_downs, ngf=m.ngf, norm=m.norm, dropout=m.dropout)
+    G_raw = build_generator(generator_args(m))
     D_raw = PatchDiscriminator(3, ndf=m.ndf, n_layers=m.d_layers, norm=m.norm)
-    init_weights(G_raw)
+    if isinstance(G_raw, UNetGenerator):
+        init_weights(G_raw)
     init_weights(D_raw)
     if m.norm == "batch" and world > 1:  # statistics over the global batch (global_batchnorm.py)
         G_raw = convert_to_global_batchnorm(G_raw, device)
@@ -110,15 +118,50 @@ class GanStep:
         self.skip_on_device = fused and accelerator.scaler is None
         self._skipped = torch.zeros((), dtype=torch.int64, device=accelerator.device)
 
-    def __call__(self, L: torch.Tensor, ab: torch.Tensor, stop: bool | None = None) -> StepResult:
-        """One iteration. `stop` is this rank's stop request; passing it (True or False) makes
-        this a host-read step: the skipped-step count and the stop request of every rank are read
-        with one synchronisation (and one small all-reduce). Every rank must pass it at the same
-        steps. With `stop=None` and fused Adam the step never waits for the device."""
-        acc, n, mode = self.accelerator, self.nets, self.optim.gan_mode
+    def set_lr(self, lr: float, warmup: bool = False) -> None:
+        """The learning rate of the next update(s); in the warm-up, G's Adam also takes
+        optim.warmup_beta1 (the GAN phase optim.beta1)."""
+        beta1 = self.optim.warmup_beta1 if warmup else self.optim.beta1
+        for opt in (self.nets.opt_G, self.nets.opt_D):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        for group in self.nets.opt_G.param_groups:
+            group["betas"] = (beta1, self.optim.beta2)
+
+    def restart_g_optimizer(self) -> None:
+        """Forget G's Adam moments and step count: the GAN phase after a warm-up starts G's
+        optimizer afresh, as the tutorial's new Adam does."""
+        getattr(self.nets.opt_G, "optimizer", self.nets.opt_G).state.clear()
+
+    def __call__(self, L: torch.Tensor, ab: torch.Tensor, stop: bool | None = None,
+                 warmup: bool = False) -> StepResult:
+        """One iteration (`warmup`: an L1 warm-up update of G alone). `stop` is this rank's stop
+        request; passing it (True or False) makes this a host-read step: the skipped-step count
+        and the stop request of every rank are read with one synchronisation (and one small
+        all-reduce). Every rank must pass it at the same steps. With `stop=None` and fused Adam
+        the step never waits for the device."""
+        acc, n = self.accelerator, self.nets
         L = L.contiguous(memory_format=n.memory_format)
         ab = ab.contiguous(memory_format=n.memory_format)
+        losses, ok = self._l1_step(L, ab) if warmup else self._gan_step(L, ab)
+        self._skipped += (~ok).long()
+        result = StepResult({k: v.detach() for k, v in losses.items()}, ok, skipped=None)
+        if stop is not None:
+            result.skipped, result.stop = self._read(stop)
+        return result
 
+    def _l1_step(self, L: torch.Tensor, ab: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The warm-up: G alone, plain L1 (the tutorial's nn.L1Loss); D is not called."""
+        with self.accelerator.autocast():
+            fake_ab = self.nets.G(L)
+        loss = l1_loss(fake_ab, ab)
+        self.accelerator.backward(loss)
+        bad = self._any_rank_nonfinite(loss)
+        self._update(self.nets.opt_G, bad)
+        return {"loss/G_L1": loss}, bad == 0
+
+    def _gan_step(self, L: torch.Tensor, ab: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        acc, n, mode = self.accelerator, self.nets, self.optim.gan_mode
         with acc.autocast():
             fake_ab = n.G(L)
             pred_real, pred_fake = self._discriminate(L, ab, fake_ab.detach())
@@ -140,14 +183,9 @@ class GanStep:
         g_bad = self._any_rank_nonfinite(loss_G_GAN + loss_G_L1)
         self._update(n.opt_G, g_bad)
 
-        ok = (d_bad + g_bad) == 0
-        self._skipped += (~ok).long()
         losses = {"loss/D_real": loss_D_real, "loss/D_fake": loss_D_fake,
                   "loss/G_GAN": loss_G_GAN, "loss/G_L1": loss_G_L1}
-        result = StepResult({k: v.detach() for k, v in losses.items()}, ok, skipped=None)
-        if stop is not None:
-            result.skipped, result.stop = self._read(stop)
-        return result
+        return losses, (d_bad + g_bad) == 0
 
     def _discriminate(self, L: torch.Tensor, ab: torch.Tensor,
                       fake_ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

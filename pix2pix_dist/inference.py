@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .data.lab import uint8_to_lab
 from .data.geometry import Augment, resize_to, resized_shape
 from .export import InferenceSettings, NormMode
-from .models import UNetGenerator
+from .generators import build_generator
 
 MIN_SIDE = 16
 """Inputs need a shorter side of at least this many pixels ..."""
@@ -55,11 +55,11 @@ def image_seed(name: str) -> int:
     return zlib.crc32(name.encode("utf-8", "surrogateescape"))
 
 
-def inference_copy(generator: nn.Module, model_args: dict) -> UNetGenerator:
-    """A plain copy of a training generator: `batch` mode must not update the training model's
-    running statistics, and a cross-process BatchNorm generator (model.norm=batch on several
-    processes) cannot run on one rank alone."""
-    copy = UNetGenerator(**model_args)
+def inference_copy(generator: nn.Module, model_args: dict) -> nn.Module:
+    """A plain copy of a training generator (`model_args`: its export metadata): `batch` mode
+    must not update the training model's running statistics, and a cross-process BatchNorm
+    generator (model.norm=batch on several processes) cannot run on one rank alone."""
+    copy = build_generator(model_args)
     copy.load_state_dict(generator.state_dict())
     return copy.to(next(generator.parameters()).device)
 

@@ -43,6 +43,7 @@ from .locking import FolderLock, LockError
 from .lifetime import end_at_once_on_ctrl_c
 from .ranks import PARENT_DIED, agree, die_with_parent, reach_rendezvous
 from .recipe import Recipe, resolve_recipe
+from .resnet_unet import load_encoder_weights
 from .inference import inference_copy, predict_ab
 from .tracking import RunTracker, check_tracker, tracker_for
 
@@ -180,9 +181,14 @@ def _train(cfg: Config, accelerator, recipe: Recipe, shards: Splits) -> TrainRes
     step_fn = GanStep(accelerator, nets, cfg.optim, d_concat=cfg.train.d_concat)
     export_meta = functools.partial(generator_meta, cfg)  # what each export records, by step
     ckpt = CheckpointManager(run_dir, nets, accelerator, keep=cfg.ckpt.keep,
-                             model=dataclasses.asdict(cfg.model),
+                             # The encoder's starting weights do not change what the
+                             # checkpoint's weights mean: a resume may name another source.
+                             model={k: v for k, v in dataclasses.asdict(cfg.model).items()
+                                    if k != "encoder_weights"},
                              recipe=recipe, export_meta=export_meta)
     start_step, nonfinite = ckpt.resume(cfg.ckpt.resume, seed=cfg.train.seed)
+    if ckpt.resumed_from is None:  # a resumed run has its weights: no download, no file read
+        load_encoder_weights(G_raw, cfg.model.encoder_weights, accelerator)
 
     if start_step >= recipe.steps:
         say(f"already trained {start_step} of {recipe.steps} steps in {run_dir}; nothing to "
@@ -211,10 +217,14 @@ def _train(cfg: Config, accelerator, recipe: Recipe, shards: Splits) -> TrainRes
     step, stopped = start_step, False
     with stop_signals() as received:
         while step < recipe.steps:
-            lr = recipe.lr * recipe.lr_factor(step)
-            for opt in (nets.opt_G, nets.opt_D):
-                for group in opt.param_groups:
-                    group["lr"] = lr
+            warmup = recipe.in_warmup(step)
+            if recipe.warmup_steps and step in (start_step, recipe.warmup_steps):
+                say(f"phase 1: L1 warm-up of the generator alone, to step {recipe.warmup_steps}"
+                    if warmup else f"phase 2: GAN, steps {recipe.warmup_steps + 1}-{recipe.steps}")
+            if step == recipe.warmup_steps > 0:  # also when resumed exactly here
+                step_fn.restart_g_optimizer()
+            lr = recipe.lr_at(step)
+            step_fn.set_lr(lr, warmup)
 
             t0 = time.perf_counter()
             L, ab = next(data)
@@ -222,7 +232,7 @@ def _train(cfg: Config, accelerator, recipe: Recipe, shards: Splits) -> TrainRes
             # The host reads the step's flags only at some steps (docs/design.md, "The training
             # step on the GPU"); in between, skipped steps are counted on the device.
             read = _reads_flags(step + 1, recipe.steps, cfg)
-            result = step_fn(L, ab, stop=bool(received) if read else None)
+            result = step_fn(L, ab, stop=bool(received) if read else None, warmup=warmup)
 
             step += 1
             tick_steps += 1
@@ -242,11 +252,13 @@ def _train(cfg: Config, accelerator, recipe: Recipe, shards: Splits) -> TrainRes
                         f"a lower optim.lr: {ckpt.advice()}", all_ranks=True)
 
             progress.update(1)
-            if step % cfg.log.every == 0 or step == recipe.steps or result.stop:
+            if (step % cfg.log.every == 0 or step in (recipe.steps, recipe.warmup_steps)
+                    or result.stop):  # a phase's losses are never averaged with the next's
                 scalars = _mean_losses(accelerator, sums)  # waits for the device: time after it
                 elapsed = time.perf_counter() - tick_start
                 scalars.update({
                     "lr": lr, "epoch": step / len(loader), "nonfinite_steps": nonfinite,
+                    "phase": 1 if warmup else 2,  # 1: L1 warm-up, 2: GAN
                     "data/skipped_samples": loader.skipped,
                     "perf/images_per_s": tick_steps * recipe.global_batch / elapsed,
                     "perf/data_wait_frac": data_wait / elapsed,
@@ -315,8 +327,9 @@ def _reads_flags(step: int, last: int, cfg: Config) -> bool:
 
 
 def _show(progress, say, step: int, total: int, scalars: dict[str, float]) -> None:
-    brief = (f"D {scalars.get('loss/D_real', math.nan) + scalars.get('loss/D_fake', math.nan):.3f} "
-             f"G {scalars.get('loss/G_GAN', math.nan):.3f} L1 {scalars.get('loss/G_L1', math.nan):.4f} "
+    gan = (f"D {scalars.get('loss/D_real', math.nan) + scalars.get('loss/D_fake', math.nan):.3f} "
+           f"G {scalars.get('loss/G_GAN', math.nan):.3f} " if scalars.get("phase") == 2 else "warm-up ")
+    brief = (f"{gan}L1 {scalars.get('loss/G_L1', math.nan):.4f} "
              f"{scalars['perf/images_per_s']:.1f} img/s data {100 * scalars['perf/data_wait_frac']:.0f}%")
     if progress.disable:
         say(f"step {step}/{total}  {brief}")

@@ -29,6 +29,7 @@ from pix2pix_dist.imageio import first_line
 from pix2pix_dist.inference import training_view
 from pix2pix_dist.metrics import (FID_WEIGHTS, LPIPS_FILES, Lpips, ab_l1, colourfulness,
                                   frechet_distance, image_metrics, lpips_network, psnr, ssim)
+from pix2pix_dist.generators import build_generator
 from pix2pix_dist.models import UNetGenerator, init_weights
 
 TINY = [("model.num_downs", 6), ("model.ngf", 8), ("data.crop_size", 64), ("data.load_size", 72)]
@@ -38,7 +39,7 @@ def tiny_export(path: Path, shards: Path | str = "unused", **overrides: object) 
     """A freshly initialised unet_64 export with a config.json beside it (a run folder)."""
     cfg = build_config(None, overrides=[*TINY, ("data.shards", str(shards)), *overrides.items()])
     torch.manual_seed(0)
-    generator = UNetGenerator(**generator_meta(cfg, 7)["model"])
+    generator = build_generator(generator_meta(cfg, 7)["model"])
     init_weights(generator)
     path.mkdir(parents=True, exist_ok=True)
     export_generator(generator, path / "generator.safetensors", generator_meta(cfg, 7))
@@ -394,7 +395,7 @@ def test_training_eval_falls_back_to_train_images_without_a_val_split(sample_sha
                              generator_meta(cfg, 0), torch.device("cpu"))
     assert "has no val split" in capsys.readouterr().err and len(evaluator.samples) == 3
     torch.manual_seed(0)
-    generator = UNetGenerator(**generator_meta(cfg, 0)["model"])
+    generator = build_generator(generator_meta(cfg, 0)["model"])
     before = {k: v.clone() for k, v in generator.state_dict().items()}
     scalars = evaluator(generator.train())
     assert {"eval/ab_l1", "eval/dcf", "eval/gray_ab_l1"} <= set(scalars)
