@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from .ranks import RankError, agree
+from .errors import UserError
+from .ranks import agree
 
 ENCODERS = {"resnet18-unet": "resnet18", "resnet34-unet": "resnet34"}
 """model.generator values with a ResNet encoder -> the torchvision model of that encoder."""
@@ -33,7 +34,7 @@ DOWNLOAD_TIMEOUT_S = 60
 """A download that gets no bytes for this long fails instead of hanging the run."""
 
 
-class EncoderWeightsError(RankError):
+class EncoderWeightsError(UserError):
     """Encoder weights that cannot be had or used (no file, wrong file, offline); one line."""
 
 

@@ -9,9 +9,15 @@ Started by `accelerate launch --multi_gpu --num_processes 2` (gloo on a machine 
                                            run train.py's main(), with a NaN written into one
                                            generator weight after STEP's update (as a diverging
                                            run would leave it)
+    ddp_worker.py --sigterm-after STEP [key=value ...]
+                                           run train.py's main(), sending this process SIGTERM
+                                           right after STEP's update (a deterministic stop point;
+                                           also for single-process runs)
 """
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -56,27 +62,38 @@ def run_failing(spec: str, argv: list[str]) -> int:
     return train_loop.main(argv)
 
 
-def run_diverging(after: int, argv: list[str]) -> int:
-    class DivergingStep(train_loop.GanStep):
+def run_with_fault(after: int, fault, argv: list[str]) -> int:
+    """train.py's main() with `fault(step)` called right after the `after`-th update."""
+    class FaultyStep(train_loop.GanStep):
         steps = 0
 
         def __call__(self, *args, **kwargs):
             result = super().__call__(*args, **kwargs)
-            DivergingStep.steps += 1
-            if DivergingStep.steps == after:
-                with torch.no_grad():
-                    next(self.nets.G_raw.parameters()).view(-1)[0] = float("nan")
+            FaultyStep.steps += 1
+            if FaultyStep.steps == after:
+                fault(self)
             return result
 
-    train_loop.GanStep = DivergingStep
+    train_loop.GanStep = FaultyStep
     return train_loop.main(argv)
+
+
+def write_nan(step) -> None:
+    with torch.no_grad():
+        next(step.nets.G_raw.parameters()).view(-1)[0] = float("nan")
+
+
+def send_sigterm(step) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop's own stop_signals
 
 
 def main() -> None:
     if sys.argv[1] == "--fail":
         sys.exit(run_failing(sys.argv[2], sys.argv[3:]))
     if sys.argv[1] == "--nan-after":
-        sys.exit(run_diverging(int(sys.argv[2]), sys.argv[3:]))
+        sys.exit(run_with_fault(int(sys.argv[2]), write_nan, sys.argv[3:]))
+    if sys.argv[1] == "--sigterm-after":
+        sys.exit(run_with_fault(int(sys.argv[2]), send_sigterm, sys.argv[3:]))
     out = Path(sys.argv[1])
     cfg = parse_args(sys.argv[2:])
     result = train(cfg)

@@ -271,7 +271,7 @@ def test_warmup_leaves_d_bit_identical_and_logs_its_phase(straight, accelerator)
 def test_sigterm_in_the_warmup_resumes_exactly_across_the_boundary(straight, tmp_path):
     run_dir, args = straight
     interrupted = tmp_path / "interrupted"
-    worker = ["tests/sigterm_worker.py", "2", *args[1:], f"run_dir={interrupted}"]
+    worker = ["tests/ddp_worker.py", "--sigterm-after", "2", *args[1:], f"run_dir={interrupted}"]
     stopped = run_python(worker, env={"PYTHONPATH": str(REPO)})
     assert stopped.returncode == 0 and "stopped by signal at step 3" in stopped.stdout, stopped.stderr[-3000:]
     assert [p.name for p in list_checkpoints(interrupted)] == ["step-00000003"]
