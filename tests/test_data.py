@@ -419,3 +419,21 @@ def test_geometry_resize_is_torchvisions_without_importing_it(resize_mode):
             size = [side, side] if resize_mode == "square" else [side]
             expected = TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
             assert torch.equal(resize(img, side, resize_mode), expected), (height, width, side)
+
+
+def test_torch_backend_keeps_its_workers_across_epochs_and_restarts_after_a_jump(shards):
+    """No worker start per epoch (issue 15: it made the fallback 0.28x the tutorial's loader on
+    small splits), and the order stays a function of (seed, epoch, rank): an epoch left half
+    read, or a jump to another epoch, restarts the workers at the epoch asked for."""
+    ld = loader(shards, "torch", seed=5)
+    epoch0 = epoch(ld)
+    workers = [w.pid for w in ld._impl._stream._workers]
+    epoch1 = epoch(ld)
+    assert [w.pid for w in ld._impl._stream._workers] == workers and len(workers) == 2
+    next(iter(ld))  # epoch 2, left after one batch
+    ld.set_epoch(1)
+    again = epoch(ld)
+    assert [w.pid for w in ld._impl._stream._workers] != workers
+    fresh = loader(shards, "torch", seed=5)
+    for a, b in zip(epoch0 + epoch1 + epoch1, epoch(fresh) + epoch(fresh) + again):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

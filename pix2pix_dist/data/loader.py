@@ -51,8 +51,9 @@ class Loader:
 
     def _epoch_batches(self, with_keys: bool) -> Iterator[tuple[Tensor, Tensor, list[str] | None]]:
         epoch, self._epoch = self._epoch, self._epoch + 1
-        for rgb, keys in self._impl.batches(epoch, self._num_batches, with_keys):
-            L, ab = uint8_to_lab(rgb)
+        for batch, keys in self._impl.batches(epoch, self._num_batches, with_keys):
+            # uint8 RGB, or (L, ab) already converted where that is cheaper (torch_pipeline.py)
+            L, ab = batch if isinstance(batch, tuple) else uint8_to_lab(batch)
             yield L, ab, keys
 
 

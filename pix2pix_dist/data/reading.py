@@ -1,8 +1,9 @@
-"""Reading a split's samples in order, straight from its tars (webdataset's tar iterator):
-positions [start, stop) of the concatenated split, and the first sample that does not decode.
+"""Reading a split's samples straight from its tars: in order (webdataset's tar iterator),
+positions [start, stop) of the concatenated split; where each sample's JPEG lies (the index
+files, else the tar headers), for random access; and the first sample that does not decode.
 
-Used by the torch backend's workers, by evaluation (val read in order) and by the DALI backend
-to name the culprit after a DALI error.
+Used by the torch backend (random access), by evaluation (val read in order) and by the DALI
+backend to name the culprit after a DALI error.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 import torch
 from webdataset import tariterators
 
+from ..shard_format import group_samples, split_name
 from .errors import DataError
 from .geometry import decode
-from .shards_index import ShardSet
+from .shards_index import Shard, ShardSet
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,58 @@ def split_segments(shards: ShardSet, start: int, stop: int) -> list[Segment]:
             out.append(Segment(shard.tar, lo - offset, hi - offset))
         offset += shard.samples
     return out
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where one sample's JPEG lies: `size` bytes at `offset` of `tar` (offset -1: no .jpg)."""
+
+    tar: Path
+    key: str
+    offset: int
+    size: int
+
+    @property
+    def name(self) -> str:
+        """`<shard file>/<key>`, how samples are named in keys and messages."""
+        return f"{self.tar.name}/{self.key}"
+
+
+def locate_samples(shards: ShardSet, start: int, stop: int) -> list[Located]:
+    """Positions [start, stop) of the split as Located samples, from each tar's index file (or
+    its headers when it has none); DamagedShard when a tar is shorter than its index says."""
+    by_tar = {shard.tar: shard for shard in shards.shards}
+    out: list[Located] = []
+    for seg in split_segments(shards, start, stop):
+        entries = _jpg_entries(by_tar[seg.tar])
+        if len(entries) < seg.stop:
+            raise DamagedShard(seg.tar, OSError(f"{len(entries)} samples, {seg.stop} expected"))
+        out += entries[seg.start:seg.stop]
+    return out
+
+
+def _jpg_entries(shard: Shard) -> list[Located]:
+    try:
+        if shard.index is None:
+            with tarfile.open(shard.tar, "r:") as tf:
+                members = [(key, [(split_name(m.name)[1], m.offset_data, m.size) for m in ms])
+                           for key, ms in group_samples(tf)]
+        else:
+            members = []
+            for line in shard.index.read_text().splitlines()[1:]:
+                fields = line.split()  # <ext> <offset> <size> <name>, per component
+                parts = [(fields[i], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields) - 3, 4)]
+                members.append((split_name(fields[3])[0], parts))
+        end = shard.tar.stat().st_size
+    except (tarfile.TarError, OSError, ValueError, IndexError) as exc:
+        raise DamagedShard(shard.tar, exc) from None
+    entries = []
+    for key, parts in members:
+        offset, size = next(((o, n) for ext, o, n in parts if ext == "jpg"), (-1, 0))
+        if offset + size > end:
+            raise DamagedShard(shard.tar, OSError("shorter than its index"))
+        entries.append(Located(shard.tar, key, offset, size))
+    return entries
 
 
 def read_range(shards: ShardSet, start: int, stop: int) -> Iterator[tuple[str, str, bytes | None]]:

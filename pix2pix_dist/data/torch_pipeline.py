@@ -1,9 +1,15 @@
-"""Fallback backend: webdataset tar streaming in DataLoader workers + torchvision JPEG decode.
+"""Fallback backend: random access into the tar shards + torchvision JPEG decode, in DataLoader
+workers that live as long as the loader.
 
 Same samples per rank as DALI (sampling.py), same augmentation semantics, uint8 (B,3,S,S)
-batches handed to the same Lab step. Each worker streams a contiguous slice of its rank's part
-(so it opens only the tars it needs), shuffles tar order and a buffer for training, and yields
-one sample at a time; the main process forms batches, so batches are full and counted exactly.
+batches handed to the same Lab step. Each sample's JPEG is located once (reading.locate_samples:
+the index files, else the tar headers), so an epoch's order is a full shuffle of the rank's part
+(validation: the stored order; `data.shuffle_buffer` is DALI's) and batch k of an epoch is slots
+[k*B, (k+1)*B) of that order. A worker reads, decodes and augments one whole batch and hands it
+over as one tensor (one shared-memory transfer per batch, not one per sample). The workers start
+once and are fed an endless sequence of (epoch, batch) requests, so an epoch boundary costs
+nothing; a jump to another epoch (resume, set_epoch) or an epoch left unfinished starts them
+afresh.
 
 Decoding: on a CPU device the workers decode with torchvision and augment. On a CUDA device they
 pass the JPEG bytes and the main process decodes the whole batch with nvJPEG
@@ -11,19 +17,23 @@ pass the JPEG bytes and the main process decodes the whole batch with nvJPEG
 
 Randomness is a function of (seed, epoch, rank, sample key), not of worker timing: an epoch is
 reproducible, and validation is identical on every pass. A corrupt sample is skipped, counted
-and reported with its shard and key; the worker streams repeat their slice when skips leave the
-epoch short, so batch counts stay equal across ranks.
+and reported with its shard and key, and its batch is topped up in the main process from the
+epoch's reserve: the slots after the epoch's last batch, then the epoch's order again (repeats),
+so batch counts stay equal across ranks; a whole pass without a decodable sample is an error.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 import random
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..config import DataConfig
@@ -31,78 +41,97 @@ from ..errors import warn
 from ..imageio import first_line
 from .errors import DataError
 from .geometry import Augment, decode
-from .reading import DamagedShard, Segment, read_segments, split_segments
+from .lab import uint8_to_lab
+from .reading import DamagedShard, Located, locate_samples
 from .sampling import derive_seed, rank_range
 from .shards_index import ShardSet
 
 
-class _RankSamples(IterableDataset):
-    """One epoch's samples of one rank, split between DataLoader workers.
+class _Samples:
+    """The rank's located samples: each epoch's order, and one sample read, decoded, augmented."""
 
-    Yields ("ok", shard, key, uint8 image or jpg bytes) or ("bad", shard, key, reason). A worker
-    repeats its slice (reshuffled) until the consumer stops, or stops when a whole pass gave
-    nothing usable, so a few corrupt samples cannot shorten an epoch and all-corrupt data ends.
-    """
+    def __init__(self, located: list[Located], augment: Augment, *, decode_here: bool,
+                 seed: int, rank: int) -> None:
+        self.located, self.augment, self.decode_here = located, augment, decode_here
+        self.seed, self.rank = seed, rank
+        self._files: dict[Path, int] = {}  # descriptors, opened lazily in each process
 
-    def __init__(self, shards: ShardSet, start: int, stop: int, augment: Augment, *,
-                 decode_here: bool, shuffle_buffer: int, seed: int, epoch: int, rank: int) -> None:
-        self.shards, self.start, self.stop, self.augment = shards, start, stop, augment
-        self.decode_here, self.shuffle_buffer = decode_here, shuffle_buffer
-        self.seed, self.epoch, self.rank = seed, epoch, rank
+    @functools.lru_cache(maxsize=2)  # noqa: B019 -- one object per loader, two epochs at most
+    def order(self, epoch: int) -> list[int]:
+        n = len(self.located)
+        if not self.augment.train:
+            return list(range(n))
+        return random.Random(derive_seed(self.seed, epoch, self.rank)).sample(range(n), n)
 
-    def __iter__(self) -> Iterator[tuple[str, str, str, torch.Tensor | str]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        lo, hi = rank_range(self.stop - self.start, workers, worker)  # the rank's rule, again
-        segments = split_segments(self.shards, self.start + lo, self.start + hi)
-        for passes in itertools.count():
-            good = 0
-            for item in self._one_pass(segments, derive_seed(self.seed, self.epoch, self.rank, worker, passes)):
-                good += item[0] == "ok"
-                yield item
-            if good == 0:
-                return
-
-    def _one_pass(self, segments: list[Segment], seed: int) -> Iterator[tuple[str, str, str, torch.Tensor | str]]:
-        train = self.augment.train
-        rng = random.Random(seed)
-        if train:
-            segments = rng.sample(segments, len(segments))
-        samples = read_segments(segments)
-        if train:
-            samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
+    def load(self, position: int, epoch: int) -> tuple[str, str, torch.Tensor | str]:
+        """("ok", name, uint8 (3,S,S), or the JPEG bytes on CUDA) or ("bad", name, reason);
+        raises DamagedShard when the tar is shorter than its index."""
+        sample = self.located[position]
+        if sample.offset < 0:
+            return "bad", sample.name, "no .jpg member"
+        data = self._read(sample)
+        if not self.decode_here:
+            return "ok", sample.name, data
         try:
-            for shard, key, jpg in samples:
-                if jpg is None:
-                    yield "bad", shard, key, "no .jpg member"
-                    continue
-                data = torch.frombuffer(bytearray(jpg), dtype=torch.uint8)
-                if not self.decode_here:
-                    yield "ok", shard, key, data
-                    continue
-                try:
-                    img = decode(data)
-                except RuntimeError as exc:
-                    yield "bad", shard, key, first_line(exc)
-                    continue
-                yield "ok", shard, key, self.augment(img, sample_rng(self.seed, self.epoch, self.rank, key))
+            img = decode(data)
+        except RuntimeError as exc:
+            return "bad", sample.name, first_line(exc)
+        return "ok", sample.name, self.augment(img, sample_rng(self.seed, epoch, self.rank, sample.key))
+
+    def _read(self, sample: Located) -> torch.Tensor:
+        try:
+            fd = self._files.get(sample.tar)
+            if fd is None:
+                fd = self._files[sample.tar] = os.open(sample.tar, os.O_RDONLY)
+            data = os.pread(fd, sample.size, sample.offset)
+        except OSError as exc:
+            raise DamagedShard(sample.tar, exc) from None
+        if len(data) != sample.size:
+            raise DamagedShard(sample.tar, OSError("shorter than its index"))
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+class _Batches(Dataset):
+    """Item (epoch, k): batch k of `epoch`, loaded in a worker: ((L, ab) of the g good samples,
+    converted here, or a list of their JPEG byte tensors on CUDA; their names; the bad ones as
+    (name, reason); the damaged shard's message, or "")."""
+
+    def __init__(self, samples: _Samples, batch: int) -> None:
+        self.samples, self.batch = samples, batch
+
+    def __getitem__(self, index: tuple[int, int]
+                    ) -> tuple[torch.Tensor | list[torch.Tensor], list[str], list[tuple[str, str]], str]:
+        epoch, k = index
+        good, names, bad = [], [], []
+        try:
+            for position in self.samples.order(epoch)[k * self.batch:(k + 1) * self.batch]:
+                status, name, payload = self.samples.load(position, epoch)
+                if status == "ok":
+                    good.append(payload)
+                    names.append(name)
+                else:
+                    bad.append((name, payload))
         except DamagedShard as exc:
             # Handed over as an item: raised in a DataLoader worker, it would reach the user
             # wrapped in that worker's traceback.
-            yield "damaged", "", "", str(exc)
+            return [], [], [], str(exc)
+        if not self.samples.decode_here:
+            return good, names, bad, ""
+        # Lab here, in the worker: on a CPU it is as costly as decoding (Kornia, ~7 ms per
+        # 128x128 image on one core), and the main process has the training step to run.
+        size = self.samples.augment.crop_size
+        rgb = torch.stack(good) if good else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        return uint8_to_lab(rgb), names, bad, ""
 
 
-def _buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Streaming shuffle: hold `size` items, emit a random one as each new one arrives."""
-    buffer = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= size:
-            i = rng.randrange(len(buffer))
-            buffer[i], buffer[-1] = buffer[-1], buffer[i]
-            yield buffer.pop()
-    rng.shuffle(buffer)
-    yield from buffer
+class _Endless(Sampler):
+    """(epoch, k) for k < count, epoch after epoch from `epoch`: the workers' requests."""
+
+    def __init__(self, epoch: int, count: int) -> None:
+        self.epoch, self.count = epoch, count
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((e, k) for e in itertools.count(self.epoch) for k in range(self.count))
 
 
 def sample_rng(seed: int, epoch: int, rank: int, key: str) -> random.Random:
@@ -110,66 +139,107 @@ def sample_rng(seed: int, epoch: int, rank: int, key: str) -> random.Random:
     return random.Random(derive_seed(seed, epoch, rank, zlib.crc32(key.encode())))
 
 
+def _as_is(item: object) -> object:
+    return item  # no default_convert: it would turn the (L, ab) tuple into a list
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the workers are the parallelism; avoid oversubscribing cores
 
 
 class TorchBatches:
-    """Per-epoch DataLoader over this rank's part; batches formed in the main process."""
+    """This rank's batches from long-lived DataLoader workers; see the module docstring."""
 
     def __init__(self, shards: ShardSet, cfg: DataConfig, *, batch_size: int, train: bool,
                  rank: int, world_size: int, device: torch.device, seed: int) -> None:
         self.shards, self.cfg, self.rank, self.device, self.seed = shards, cfg, rank, device, seed
         self.batch_size = batch_size
-        self.start, self.stop = rank_range(shards.total, world_size, rank)
-        self.augment = Augment(cfg.crop_size, cfg.load_size, train, cfg.flip,
-                               cfg.random_resized_crop, cfg.rrc_min_scale, cfg.resize)
+        augment = Augment(cfg.crop_size, cfg.load_size, train, cfg.flip,
+                          cfg.random_resized_crop, cfg.rrc_min_scale, cfg.resize)
         self.gpu_decode = device.type == "cuda"
+        self.augment = augment
+        try:
+            located = locate_samples(shards, *rank_range(shards.total, world_size, rank))
+        except DamagedShard as exc:
+            raise self._damaged(exc) from None
+        self.samples = _Samples(located, augment, decode_here=not self.gpu_decode, seed=seed, rank=rank)
         self.skipped = 0
+        self._stream: Iterator | None = None
+        self._next: tuple[int, int, int] | None = None  # (epoch, batch, count) the stream gives next
 
     def batches(self, epoch: int, count: int, with_keys: bool = False
-                ) -> Iterator[tuple[torch.Tensor, list[str] | None]]:
-        """`count` batches of epoch `epoch`: (uint8 (B,3,S,S) on the device, keys or None)."""
-        batch = self.batch_size
-        workers = max(1, min(self.cfg.num_threads, self.stop - self.start))
-        dataset = _RankSamples(self.shards, self.start, self.stop, self.augment,
-                               decode_here=not self.gpu_decode,
-                               shuffle_buffer=max(1, self.cfg.shuffle_buffer // workers),
-                               seed=self.seed, epoch=epoch, rank=self.rank)
-        # A generator of its own: by default each DataLoader iterator draws its workers' base
-        # seed from the global torch RNG, which a resumed run restores mid-epoch, so that draw
-        # would shift G's dropout noise (our randomness comes from derive_seed, not that seed).
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                            prefetch_factor=max(2, self.cfg.prefetch * batch // workers),
-                            worker_init_fn=_worker_init, pin_memory=self.gpu_decode,
-                            generator=torch.Generator().manual_seed(self.seed))
-        stream = iter(loader)
-        for _ in range(count):
-            items: list[tuple[str, torch.Tensor]] = []  # ("shard/key", uint8 (3,S,S)) on device
-            while len(items) < batch:
-                fresh = self._take(stream, batch - len(items), count)
-                items += self._decode_on_device(fresh, epoch) if self.gpu_decode else fresh
-            rgb = torch.stack([img for _, img in items]).to(self.device, non_blocking=True)
-            yield rgb, [key for key, _ in items] if with_keys else None
-
-    def _take(self, stream: Iterator, n: int, count: int) -> list[tuple[str, torch.Tensor]]:
-        """The next `n` usable samples from the workers, counting and reporting bad ones."""
-        items = []
-        while len(items) < n:
-            item = next(stream, None)
-            if item is None:
-                raise DataError(f"rank {self.rank}: too few decodable {self.shards.split} samples "
-                                f"in {self.shards.root} for {count} batches of {self.batch_size} "
-                                f"({self.skipped} corrupt samples skipped)")
-            status, shard, key, payload = item
-            if status == "damaged":
-                raise DataError(f"rank {self.rank}: shard {payload} in {self.shards.root}; rewrite the "
-                                f"shards with `make shards`")
-            if status == "ok":
-                items.append((f"{shard}/{key}", payload))
+                ) -> Iterator[tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], list[str] | None]]:
+        """`count` batches of epoch `epoch`: (uint8 (B,3,S,S) on the device, or on a CPU device
+        the (L, ab) pair already converted by the workers; keys or None)."""
+        if self._stream is None or self._next != (epoch, 0, count):
+            self._start(epoch, count)
+        reserve = self._reserve(epoch, count)
+        for k in range(count):
+            self._next = None  # until this batch is handed over: a stream left mid-epoch restarts
+            images, names, bad, damaged = next(self._stream)
+            if damaged:
+                raise self._damaged(damaged)
+            for name, reason in bad:
+                self._skip(name, reason)
+            if self.gpu_decode:
+                items = self._decode_on_device(list(zip(names, images)), epoch)
+                while len(items) < self.batch_size:
+                    items += self._top_up(reserve, self.batch_size - len(items), epoch)
+                names = [name for name, _ in items]
+                batch = torch.stack([img for _, img in items])
             else:
-                self._skip(f"{shard}/{key}", payload)
+                batch = images
+                while len(names) < self.batch_size:
+                    extra = self._top_up(reserve, self.batch_size - len(names), epoch)
+                    names = names + [name for name, _ in extra]
+                    batch = tuple(map(torch.cat, zip(batch, uint8_to_lab(torch.stack([img for _, img in extra])))))
+            self._next = (epoch, k + 1, count) if k + 1 < count else (epoch + 1, 0, count)
+            yield batch, names if with_keys else None
+
+    def _start(self, epoch: int, count: int) -> None:
+        self._stream = None  # the previous workers exit before new ones start
+        workers = max(1, min(self.cfg.num_threads, count))
+        # A generator of its own: by default a DataLoader iterator draws its workers' base seed
+        # from the global torch RNG, which a resumed run restores mid-epoch, so that draw would
+        # shift G's dropout noise (our randomness comes from derive_seed, not from that seed).
+        loader = DataLoader(_Batches(self.samples, self.batch_size), batch_size=None,
+                            sampler=_Endless(epoch, count), num_workers=workers, collate_fn=_as_is,
+                            prefetch_factor=max(2, self.cfg.prefetch), worker_init_fn=_worker_init,
+                            pin_memory=self.gpu_decode, generator=torch.Generator().manual_seed(self.seed))
+        self._stream = iter(loader)
+
+    def _reserve(self, epoch: int, count: int) -> Iterator[int]:
+        """Positions that top up batches short of good samples: the slots after the epoch's
+        last batch, then the epoch's whole order, again and again."""
+        order = self.samples.order(epoch)
+        yield from order[count * self.batch_size:]
+        while True:
+            yield from order
+
+    def _top_up(self, reserve: Iterator[int], n: int, epoch: int) -> list[tuple[str, torch.Tensor]]:
+        """Up to `n` good samples from the reserve, loaded here (the rare path); DataError once a
+        whole pass over the rank's part gave nothing decodable."""
+        items: list[tuple[str, torch.Tensor]] = []
+        for _ in range(len(self.samples.located)):
+            try:
+                status, name, payload = self.samples.load(next(reserve), epoch)
+            except DamagedShard as exc:
+                raise self._damaged(exc) from None
+            if status != "ok":
+                self._skip(name, payload)
+                continue
+            items += self._decode_on_device([(name, payload)], epoch) if self.gpu_decode else [(name, payload)]
+            if len(items) == n:
+                return items
+        if not items:
+            raise DataError(f"rank {self.rank}: too few decodable {self.shards.split} samples "
+                            f"in {self.shards.root} for batches of {self.batch_size} "
+                            f"({self.skipped} corrupt samples skipped)")
         return items
+
+    def _damaged(self, exc: DamagedShard | str) -> DataError:
+        return DataError(f"rank {self.rank}: shard {exc} in {self.shards.root}; rewrite the "
+                         f"shards with `make shards`")
 
     def _skip(self, name: str, reason: str) -> None:
         self.skipped += 1
