@@ -437,3 +437,15 @@ def test_torch_backend_keeps_its_workers_across_epochs_and_restarts_after_a_jump
     fresh = loader(shards, "torch", seed=5)
     for a, b in zip(epoch0 + epoch1 + epoch1, epoch(fresh) + epoch(fresh) + again):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_dali_cpu_batches_convert_to_lab_without_changing_the_thread_count(shards):
+    """The CPU-side Lab step runs on one intra-op thread (loader._to_lab) and gives back the
+    caller's setting; the values agree with the torch backend's, converted in its workers."""
+    threads = torch.get_num_threads()
+    L, ab, keys = epoch(loader(shards, "dali", "val"), with_keys=True)[0]
+    assert torch.get_num_threads() == threads
+    val = loader(shards, "torch", "val")  # the same images, converted in its workers
+    L2, ab2, keys2 = epoch(val, with_keys=True)[0]
+    assert keys == keys2 and L.shape == L2.shape
+    assert (L - L2).abs().mean() < 0.08  # DALI's and torchvision's resize differ slightly
