@@ -70,14 +70,15 @@ def make_photo(folder: Path, megapixels: float) -> Path:
 def default_export(folder: Path) -> Path:
     from ..config import build_config
     from ..export import export_generator, generator_meta
-    from ..models import UNetGenerator, init_weights
+    from ..generators import build_generator
+    from ..models import init_weights
 
     path = folder / "generator.safetensors"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
         cfg = build_config(None)
         torch.manual_seed(0)
-        generator = UNetGenerator(**generator_meta(cfg, 0)["model"])
+        generator = build_generator(generator_meta(cfg, 0)["model"])
         init_weights(generator)
         export_generator(generator, path, generator_meta(cfg, 0))
     return path
