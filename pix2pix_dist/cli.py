@@ -16,11 +16,17 @@ import contextlib
 import io
 import re
 from collections.abc import Mapping, Sequence
-from typing import TypeVar
+from typing import Annotated, TypeVar
+
+import tyro
 
 from .errors import UserError
 
 T = TypeVar("T")
+
+Maybe = Annotated[T | None, tyro.conf.arg(help_behavior_hint="")]
+"""`Maybe[int] = None`: an option that may be left out, its docstring saying what that means;
+--help then shows that one default, not a second "(default: None)"."""
 
 # tyro frames its messages with box-drawing characters; a rule (─) starts the help part.
 _FRAME = re.compile(r"[\u2500-\u257f]")
@@ -54,8 +60,6 @@ def parse(cls: type[T], argv: Sequence[str], *, prog: str, description: str,
 
     `default` supplies the starting values (e.g. a preset); `aliases` maps short option names
     to dotted keys."""
-    import tyro
-
     args = expand_key_values(argv, aliases)
     captured = io.StringIO()
     try:

@@ -28,7 +28,7 @@ import tyro
 from PIL import Image
 
 from .atomic import atomic_write
-from .cli import CliError, parse
+from .cli import CliError, Maybe, parse
 from .errors import run_main
 from .export import GeneratorExport, NormMode, load_export
 from .imageio import DEFAULT_MAX_PIXELS, Skip, display_name, find_image_files, load_image, to_rgb
@@ -52,9 +52,9 @@ class ColorizeOptions:
     """Output file format."""
     quality: int = 95
     """JPEG quality (with --format jpeg)."""
-    norm_mode: Literal["eval", "batch"] | None = None
+    norm_mode: Maybe[Literal["eval", "batch"]] = None
     """Override the norm mode recorded in the export (see `train.py --help`, eval.norm_mode)."""
-    batch_size: int | None = None
+    batch_size: Maybe[int] = None
     """Images per forward pass in `eval` norm mode (same network input size only); default 8 on
     a GPU, 1 on CPU."""
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -80,7 +80,7 @@ class DataConfig:
     """Folder written by `make shards` (holds manifest.json and {train,val}-NNNNNN.tar)."""
     backend: Literal["auto", "dali", "torch"] = "auto"
     """Input pipeline: `dali` (GPU decode), `torch` (webdataset + DataLoader), or `auto`
-    (DALI where it is installed, else torch with a one-line notice)."""
+    (DALI where it is installed, else torch with a one-line warning)."""
     global_batch: int = 16
     """Images per optimizer step over all processes (the recipe's batch). Each process takes
     global_batch / processes, so the number of processes must divide it."""

@@ -27,7 +27,7 @@ import tyro
 from PIL import Image, ImageDraw
 
 from .atomic import atomic_write
-from .cli import CliError, parse
+from .cli import CliError, Maybe, parse
 from .data import DataError
 from .data.sampling import rank_range
 from .data.shards_index import find_shards
@@ -42,25 +42,25 @@ from .metrics import METRICS, fid_network, lpips_network
 class EvalOptions:
     target: tyro.conf.Positional[Path]
     """A run folder (its generator.safetensors and config.json) or a generator export file."""
-    shards: Path | None = None
+    shards: Maybe[Path] = None
     """Shard folder; default: the run's config.json `data.shards`."""
     split: Literal["train", "val"] = "val"
     """Split to evaluate."""
-    output: Path | None = None
+    output: Maybe[Path] = None
     """Output folder; default: <run folder>/eval."""
-    name: str | None = None
+    name: Maybe[str] = None
     """Report name; default: <split>-step<N> (N: the export's training step)."""
     full_res: bool = False
     """Also measure at each image's stored resolution (full-resolution L, as colorize writes)."""
-    norm_mode: Literal["eval", "batch"] | None = None
+    norm_mode: Maybe[Literal["eval", "batch"]] = None
     """Override the norm mode recorded in the export (see `train.py --help`, eval.norm_mode)."""
-    limit: int | None = None
+    limit: Maybe[int] = None
     """Evaluate only the first this many images of the split."""
     batch_size: int = 16
     """Images per forward pass in `eval` norm mode (`batch` mode runs one image at a time)."""
     gallery: int = 8
     """Images in the gallery PNG (the first ones of the split)."""
-    weights_dir: Path | None = None
+    weights_dir: Maybe[Path] = None
     """Folder with local network weights, never downloaded: FID is computed when it holds
     inception_v3_google-0cc3c7bd.pth (torchvision's Inception v3), LPIPS when it holds
     alexnet-owt-7be5be79.pth (torchvision's AlexNet) and alex.pth (LPIPS v0.1)."""

@@ -92,7 +92,7 @@ def make_accelerator(cfg: Config):
     if precision != "no" and not torch.cuda.is_available():
         # fp16 is refused on CPU and bf16 autocast there is slower than fp32 on most CPUs.
         if rank_and_world()[0] == 0:  # before the Accelerator exists: the launcher's rank
-            print(f"notice: no CUDA device; train.mixed_precision={precision} -> no")
+            warn(f"no CUDA device; train.mixed_precision={precision} -> no")
         precision = "no"
     # cpu=True on a machine without CUDA: only then does Accelerate join the processes that
     # torchrun / `accelerate launch` started into one gloo group (otherwise each trains alone).

@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 
+from ..cli import Maybe
 from .errors import BenchError
 
 
@@ -18,24 +19,24 @@ from .errors import BenchError
 class BenchSettings:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where to measure: `auto` is CUDA when a GPU is visible, else the CPU."""
-    shards: str | None = None
+    shards: Maybe[str] = None
     """Existing shards folder (e.g. shards/coco) instead of the synthetic COCO-like set."""
-    synthetic: int | None = None
+    synthetic: Maybe[int] = None
     """Synthetic 640x480 JPEGs to build (default: 2048 on CUDA, 96 on CPU)."""
     cache: str = "shards/bench-640x480"
     """Folder of the synthetic shards, reused while it holds the same set."""
-    batch_size: int | None = None
+    batch_size: Maybe[int] = None
     """Input-pipeline batch (default: 256 on CUDA, 8 on CPU)."""
-    train_batch_size: int | None = None
+    train_batch_size: Maybe[int] = None
     """Batch of the reference step and of ours beside it (default: 16 on CUDA, 2 on CPU)."""
-    batch_sweep: str | None = None
+    batch_sweep: Maybe[str] = None
     """Further batches for our step, comma-separated, e.g. 64,128,256 (default: 64,128,256 on
     CUDA, none on CPU); the fastest point is reported as ours at its best batch."""
-    crop: int | None = None
+    crop: Maybe[int] = None
     """Training crop (default: 256 on CUDA, 128 on CPU)."""
-    load_size: int | None = None
+    load_size: Maybe[int] = None
     """Shorter side our loaders resize to before cropping (default: crop * 286 / 256)."""
-    num_downs: int | None = None
+    num_downs: Maybe[int] = None
     """Generator depth: 8 is unet_256 (default on CUDA), 7 is unet_128 (default on CPU)."""
     ngf: int = 64
     """Generator filters in the first layer (pix2pix: 64; smaller only for quick tries)."""
@@ -43,16 +44,16 @@ class BenchSettings:
     """Discriminator filters in the first layer (pix2pix: 64)."""
     workers: int = os.cpu_count() or 1
     """DALI threads / DataLoader workers of every loader (the same for a fair ratio)."""
-    seconds: float | None = None
+    seconds: Maybe[float] = None
     """Timed seconds per input-pipeline measurement (default: 20 on CUDA, 4 on CPU)."""
-    max_iters: int | None = None
+    max_iters: Maybe[int] = None
     """Cap on the timed batches of an input-pipeline measurement."""
-    warmup: int | None = None
+    warmup: Maybe[int] = None
     """Warm-up batches of the input pipelines, and untimed first training steps (torch.compile
     and cuDNN autotuning happen there). Default: 20 on CUDA, 2 on CPU."""
-    steps: int | None = None
+    steps: Maybe[int] = None
     """Timed training steps per training point, after the warm-up (default: 100 on CUDA, 4 on CPU)."""
-    only: Literal["data", "train"] | None = None
+    only: Maybe[Literal["data", "train"]] = None
     """Measure only the input pipelines (`data`) or only the training points (`train`)."""
     compile: bool = False
     """Our step under torch.compile (the reference always runs eager)."""

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..config import DataConfig
+from ..errors import warn
 from .errors import DataError
 from .lab import uint8_to_lab
 from .sampling import batches_per_epoch
@@ -84,8 +85,8 @@ def _pick_backend(requested: str, announce: bool) -> str:
                             "pip install nvidia-dali-cuda130 (or -cuda120), "
                             "or set data.backend=torch") from None
         if announce:
-            print("note: NVIDIA DALI is not installed; using the torch input pipeline "
-                  "(webdataset + DataLoader), which is slower", flush=True)
+            warn("NVIDIA DALI is not installed; using the torch input pipeline "
+                 "(webdataset + DataLoader), which is slower")
         return "torch"
     return "dali"
 

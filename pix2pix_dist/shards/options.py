@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cli import Maybe
 from .errors import ShardError
 
 _UNITS = {"": None, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -15,26 +16,26 @@ _UNITS = {"": None, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10,
 class ShardOptions:
     """Options of `make shards`, declared once: the command line is derived from these fields."""
 
-    source: str | None = None
+    source: Maybe[str] = None
     """Image folder (searched recursively: jpg jpeg png webp bmp tif tiff gif, any case), a zip such
     as COCO's train2017.zip (read in place), or 'sample' for scikit-image's photos. Default: sample;
     with --verify and no --source, only the existing --output folder is verified."""
-    output: Path | None = None
+    output: Maybe[Path] = None
     """Output folder (default: shards/<dataset>, dataset = 'sample' or the folder/zip name)."""
-    val_source: str | None = None
+    val_source: Maybe[str] = None
     """Separate validation images (e.g. val2017): val is exactly these and --val-fraction is not
     used. Default: split --source by --val-fraction."""
     val_fraction: float = 0.2
     """Share of samples for val, 0 <= F < 1; at least one when F > 0 and there are >= 2; ignored
     with --val-source."""
-    limit: int | None = None
+    limit: Maybe[int] = None
     """Write N samples in total (train + val), a random subset chosen by --seed; with --val-source,
     N is shared between the sources in proportion to their image counts. Default: all."""
     seed: int = 0
     """Seed of subset, split and shuffle."""
     shard_size: str | int = "256MB"
     """Max tar size: 256MB, 1GB, 512MiB..., or a plain number of samples per tar."""
-    resize: int | None = None
+    resize: Maybe[int] = None
     """Downscale (Lanczos) so the shorter side is N; smaller images are kept as they are.
     Default: keep the size."""
     quality: int = 95
@@ -51,7 +52,7 @@ class ShardOptions:
     """Skip images with more pixels than this (width x height, read from the header) as too_large,
     before decoding: a small PNG can claim 13000x13000 pixels, gigabytes once decoded. 50 MP takes
     every camera photo; each worker then needs at most about 1 GB."""
-    workers: int | None = None
+    workers: Maybe[int] = None
     """Decode/convert processes (default: all cores); the output does not depend on it."""
     progress: bool = True
     """Progress bar (terminal) or a status line every 30 s (logs) and notices on stderr;
