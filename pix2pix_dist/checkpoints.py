@@ -175,14 +175,11 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, nets: "Networks", accelerator, *, keep: int,
                  model: dict[str, Any], recipe: "Recipe",
                  export_meta: Callable[[int], dict[str, dict[str, Any]]]) -> None:
-        """`keep`: checkpoints kept (ckpt.keep); `model`: the model settings a resume must match;
-        `recipe`: its global batch must match too; `export_meta(step)`: what a
-        generator export at `step` records (export.generator_meta)."""
+        """`model`: the settings a resume must match (so must the recipe's global batch);
+        `export_meta(step)`: what a generator export at `step` records (export.generator_meta)."""
         self.run_dir, self.nets, self.accelerator = Path(run_dir), nets, accelerator
-        self.keep, self.model, self.recipe = keep, model, recipe
-        self.export_meta = export_meta
-        self.rank = accelerator.process_index
-        self.main = accelerator.is_main_process
+        self.keep, self.model, self.recipe, self.export_meta = keep, model, recipe, export_meta
+        self.rank, self.main = accelerator.process_index, accelerator.is_main_process
         self.resumed_from: Path | None = None
         """The checkpoint `resume` restored, if any."""
         self.last_good: Path | None = None

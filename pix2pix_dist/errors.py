@@ -1,12 +1,6 @@
-"""Errors a user caused, and the one way every command reports them and warns.
-
-Every command's `main` is `run_main(body)`: a `UserError` (or a file-system failure a user can
-fix: a full disk, a read-only or missing folder) becomes one line `error: ...` on stderr and exit
-code 2, never a traceback. In a multi-process launch the line names the rank that hit it, unless
-every rank raised it together (`all_ranks`), when rank 0 alone prints it. Design notes:
-docs/design.md, "Failures, signals and locks". Torch is imported only where it is already loaded,
-so the shard writer's command stays light.
-"""
+"""Errors a user caused, and the one way every command reports them (`run_main`: one line, exit
+code 2) and warns (`warn`). Design notes: docs/design.md, "Failures, signals and locks". No torch
+import: the shard writer's command stays light."""
 
 from __future__ import annotations
 
@@ -34,6 +28,18 @@ class UserError(Exception):
         super().__init__(message)
         if all_ranks is not None:
             self.all_ranks = all_ranks
+
+
+class DataError(UserError):
+    """A data problem (missing shards, too few samples, corrupt JPEG)."""
+
+
+class ShardError(UserError):
+    """A problem of the shard writer's input or output (missing source, unwritable output...)."""
+
+
+class BenchError(UserError):
+    """Bad input for the benchmark."""
 
 
 # Files and folders can fail in these ways whatever the code does (a full disk, a read-only,
@@ -84,8 +90,7 @@ def run_main(body: Callable[[], int | None], *, interrupted: str = "interrupted"
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        code = body()
-        return 0 if code is None else code
+        return body() or 0
     except UserError as exc:
         if not exc.all_ranks or rank == 0:
             report_error(str(exc), job_wide=exc.all_ranks)

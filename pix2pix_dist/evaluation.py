@@ -1,9 +1,5 @@
-"""Evaluation as a library: metrics of a generator and of the gray baseline over samples, the
-results of every process gathered, and the training loop's periodic evaluation.
-
-The command line (`pix2pix-eval`, report files) is pix2pix_dist/evaluate.py; metric definitions
-are in pix2pix_dist/metrics.py; the inference rules in pix2pix_dist/inference.py.
-"""
+"""Evaluation as a library: metrics of a generator and of the gray baseline over samples,
+gathered over processes, and the training loop's periodic evaluation (CLI: evaluate.py)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import BenchError
+from ..errors import BenchError
 from .flops import peak_bf16_tflops, step_flops_per_image
 from .point import PointSpec, point_config, run_point
 from .settings import BenchSettings

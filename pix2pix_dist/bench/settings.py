@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from ..cli import Maybe
-from .errors import BenchError
+from ..errors import BenchError
 
 
 @dataclass

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BenchError
 from ..atomic import atomic_write
+from ..errors import BenchError
 from ..shard_format import MANIFEST
 
 SYNTH_SIZE = (640, 480)  # COCO's most common size

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import BenchError
 from ..shard_format import group_samples, split_name
-from .errors import BenchError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 

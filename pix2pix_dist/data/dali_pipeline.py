@@ -40,8 +40,8 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from ..config import DataConfig
+from ..errors import DataError
 from ..shard_format import split_name
-from .errors import DataError
 from .sampling import derive_seed, rank_range
 from .shards_index import ShardSet
 from .reading import find_undecodable

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from ..config import DataConfig
-from ..errors import warn
-from .errors import DataError
+from ..errors import DataError, warn
 from .lab import uint8_to_lab
 from .sampling import batches_per_epoch
 from .shards_index import ShardSet

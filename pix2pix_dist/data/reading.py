@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from webdataset import tariterators
 
+from ..errors import DataError
 from ..shard_format import group_samples, split_name
-from .errors import DataError
 from .geometry import decode
 from .shards_index import Shard, ShardSet
 

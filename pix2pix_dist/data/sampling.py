@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def rank_range(total: int, world_size: int, rank: int) -> tuple[int, int]:

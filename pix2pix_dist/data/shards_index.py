@@ -12,11 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import warn
+from ..errors import DataError, warn
 from ..shard_format import (MANIFEST, PROGRESS, SPLITS, ManifestError, index_name,
                             index_sample_count, is_shard_tar, load_manifest, manifest_records,
                             tar_sample_count)
-from .errors import DataError
 
 
 @dataclass(frozen=True)

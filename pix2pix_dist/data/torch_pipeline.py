@@ -37,9 +37,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..config import DataConfig
-from ..errors import warn
+from ..errors import DataError, warn
 from ..imageio import first_line
-from .errors import DataError
 from .geometry import Augment, decode
 from .lab import uint8_to_lab
 from .reading import DamagedShard, Located, locate_samples

@@ -5,8 +5,8 @@
     assert verify_shards(Path("shards/sample")) == []
 """
 
+from ..errors import ShardError
 from .build import build_shards
-from .errors import ShardError
 from .options import ShardOptions
 from .verify import verify_shards
 

@@ -30,12 +30,12 @@ from typing import Any, Callable, Iterator
 import pix2pix_dist
 
 from ..atomic import atomic_write, file_sha256
+from ..errors import ShardError
 from ..files import read_text
 from ..imageio import display_name
 from ..locking import FolderLock
 from ..shard_format import (FORMAT, MANIFEST, PROGRESS, SHARD_FILE, SPLITS, ManifestError, index_name,
                             load_manifest, manifest_records, shard_name)
-from .errors import ShardError
 from .images import ImageSettings
 from .options import ShardLimit, ShardOptions, parse_max_bytes, parse_shard_size, validate
 from .pool import Executor, Result, Task

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import parse
-from ..errors import run_main
+from ..errors import ShardError, run_main
 from ..locking import FolderLock
 from ..shard_format import SPLITS
 from .build import build_shards
-from .errors import ShardError
 from .options import ShardOptions
 from .verify import verify_shards
 

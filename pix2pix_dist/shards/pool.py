@@ -30,10 +30,10 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..errors import ShardError
 from ..files import NotRegularFile
 from ..imageio import NOT_A_FILE, display_name
 from ..lifetime import set_parent_death_signal
-from .errors import ShardError
 from .images import Converted, ImageSettings, convert_image
 from .sources import NOT_REGULAR, Reader
 

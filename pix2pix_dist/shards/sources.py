@@ -15,9 +15,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ..errors import ShardError
 from ..files import open_regular
 from ..imageio import IMAGE_EXTENSIONS, find_image_files, has_image_ext, is_hidden
-from .errors import ShardError
 
 SAMPLE = "sample"
 NOT_REGULAR = -2  # Candidate.size of a FIFO, socket or device: skipped as `not_a_file`, never opened

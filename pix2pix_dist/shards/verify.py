@@ -19,9 +19,9 @@ from typing import Any
 
 from PIL import Image
 
+from ..errors import ShardError
 from ..shard_format import (MANIFEST, SHARD_FILE, ManifestError, group_samples, load_manifest,
                              manifest_records, render_index, sample_entry, split_name)
-from .errors import ShardError
 from .pool import WorkerDied, WorkerPool
 from ..atomic import file_sha256
 from ..files import open_regular, read_bytes
