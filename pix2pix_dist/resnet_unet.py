@@ -133,11 +133,16 @@ def imagenet_state(generator: str) -> dict[str, Tensor]:
     when missing; offline, EncoderWeightsError naming the file and where it must go."""
     weights = torchvision.models.get_model_weights(ENCODERS[generator]).IMAGENET1K_V1
     file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    cached = file.is_file()
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             return weights.get_state_dict(progress=False, check_hash=True)
-    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
-        reason = str(getattr(exc, "reason", exc)).splitlines()[0] if str(exc) else type(exc).__name__
+    except Exception as exc:  # URLError (offline), a hash mismatch, an unreadable cached file
+        reason = (str(getattr(exc, "reason", exc)).strip().splitlines() or [type(exc).__name__])[0]
+        if cached:
+            raise EncoderWeightsError(
+                f"model.encoder_weights=imagenet: cannot read the cached {file} ({reason}); "
+                f"delete it to download it again, or replace it with {weights.url}") from None
         raise EncoderWeightsError(
             f"model.encoder_weights=imagenet: cannot download {weights.url} ({reason}); "
             f"offline, copy {file.name} to {file} (torch hub's cache: $TORCH_HOME/hub/checkpoints), "

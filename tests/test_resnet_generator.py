@@ -110,6 +110,9 @@ def test_imagenet_comes_from_torch_hubs_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     state = imagenet_state("resnet18-unet")
     assert all(torch.equal(v, torch.load(cached, weights_only=True)[k]) for k, v in state.items())
+    cached.write_bytes(cached.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(EncoderWeightsError, match=f"cannot read the cached {cached} .*delete it"):
+        imagenet_state("resnet18-unet")
 
 
 @pytest.mark.parametrize("content, message", [
