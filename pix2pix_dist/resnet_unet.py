@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 from .errors import UserError
@@ -66,6 +65,10 @@ class ResNetUNet(nn.Module):
         if generator not in ENCODERS:
             raise ValueError(f"unknown ResNet generator {generator!r}; one of {sorted(ENCODERS)}")
         self.generator = generator
+        # Imported here, not with this module: torchvision imports torch._dynamo (~180 MB), which
+        # colorize with a plain U-Net never needs (docs/design.md, "Colorize memory").
+        import torchvision
+
         self.encoder = getattr(torchvision.models, ENCODERS[generator])(weights=None)
         del self.encoder.fc, self.encoder.avgpool  # fastai's cut=-2: the classifier goes
         self.encoder.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
@@ -131,6 +134,8 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 def imagenet_state(generator: str) -> dict[str, Tensor]:
     """torchvision's ImageNet weights of the encoder, from torch hub's cache, downloaded into it
     when missing; offline, EncoderWeightsError naming the file and where it must go."""
+    import torchvision
+
     weights = torchvision.models.get_model_weights(ENCODERS[generator]).IMAGENET1K_V1
     file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     cached = file.is_file()
