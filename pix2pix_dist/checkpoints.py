@@ -31,7 +31,7 @@ import torch
 
 from .atomic import atomic_write, file_sha256, fsync_dir
 from .config import RENAMED_NORMS
-from .export import EXPORT_NAME, export_generator
+from .export import EXPORT_NAME, export_generator, nonfinite_entries
 from .errors import UserError, warn
 from .files import read_text
 from .ranks import agree, all_gather
@@ -100,19 +100,6 @@ def verify_checkpoint(path: Path) -> None:
                 raise CheckpointError(f"{name} does not match its sha256 (damaged after saving)")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"unreadable manifest or file ({type(exc).__name__}: {exc})") from exc
-
-
-def nonfinite_entries(named: dict[str, Any]) -> list[str]:
-    """'G.down.0.weight'-style names of the tensors that hold NaN or inf, in state dicts that
-    may nest (optimizer states)."""
-    bad: list[str] = []
-    for name, value in named.items():
-        if isinstance(value, dict):
-            bad += nonfinite_entries({f"{name}.{key}": item for key, item in value.items()})
-        elif (isinstance(value, torch.Tensor) and value.is_floating_point()
-              and not bool(torch.isfinite(value).all())):
-            bad.append(name)
-    return bad
 
 
 def rng_state() -> dict[str, Any]:

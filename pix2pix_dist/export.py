@@ -86,8 +86,8 @@ def export_generator(generator: nn.Module, path: Path, meta: dict[str, dict[str,
     """Write weights, buffers and `meta` (from generator_meta) atomically; refuse non-finite
     weights, which would colorize every image into garbage."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    if bad := _first_nonfinite(tensors):
-        raise ExportError(f"refusing to export a generator with non-finite values in {bad} to {path}")
+    if bad := nonfinite_entries(tensors):
+        raise ExportError(f"refusing to export a generator with non-finite values in {bad[0]} to {path}")
     metadata = {MODEL_KEY: json.dumps(meta["model"]), INFERENCE_KEY: json.dumps(meta["inference"])}
     atomic_write(Path(path), _sorted_metadata(save(tensors, metadata=metadata)))
 
@@ -145,16 +145,24 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> Generat
         if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
             raise ExportError(f"{path}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, the "
                               f"model needs {expected[name].dtype} {tuple(expected[name].shape)}")
-    if bad := _first_nonfinite(tensors):
-        raise ExportError(f"{path} has non-finite values in {bad} (the run diverged); use the "
+    if bad := nonfinite_entries(tensors):
+        raise ExportError(f"{path} has non-finite values in {bad[0]} (the run diverged); use the "
                           f"generator.safetensors of an earlier checkpoint")
     generator.load_state_dict(tensors, assign=True)  # the loaded tensors become the weights
     return GeneratorExport(generator.to(device).eval(), settings)
 
 
-def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
-    return next((name for name, tensor in tensors.items()
-                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+def nonfinite_entries(named: dict[str, Any]) -> list[str]:
+    """'G.down.0.weight'-style names of the tensors that hold NaN or inf, in state dicts that
+    may nest (optimizer states)."""
+    bad: list[str] = []
+    for name, value in named.items():
+        if isinstance(value, dict):
+            bad += nonfinite_entries({f"{name}.{key}": item for key, item in value.items()})
+        elif (isinstance(value, torch.Tensor) and value.is_floating_point()
+              and not bool(torch.isfinite(value).all())):
+            bad.append(name)
+    return bad
 
 
 def _json(path: Path, text: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +93,8 @@ def _verify(out: Path, workers: int | None) -> int:
     if not out.is_dir():  # a wrong argument (exit 2), not a damaged folder (exit 1)
         raise ShardError(f"--verify: {out} is not a folder of shards")
     with ExitStack() as stack:
-        try:
+        with suppress(OSError):  # a read-only dataset folder: no writer of ours can be in it either
             stack.enter_context(FolderLock(out, "shard writer"))
-        except OSError:  # a read-only dataset folder: no writer of ours can be in it either
-            pass
         return _report(verify_shards(out, workers=workers), out)
 
 
