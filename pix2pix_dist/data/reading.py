@@ -8,6 +8,7 @@ backend to name the culprit after a DALI error.
 
 from __future__ import annotations
 
+import itertools
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,21 +38,6 @@ class DamagedShard(DataError):
         # webdataset appends the open file and the url to the exception's args: keep the reason.
         reason = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
         super().__init__(f"{tar.name} is damaged ({reason})")
-
-
-def read_segments(segments: list[Segment]) -> Iterator[tuple[str, str, bytes | None]]:
-    """(shard file name, key, jpg bytes or None when the sample has no .jpg) per sample.
-    Raises DamagedShard for a tar that cannot be read."""
-    for seg in segments:
-        samples = tariterators.tarfile_samples([{"url": str(seg.tar)}])
-        try:
-            for i, sample in enumerate(samples):
-                if i >= seg.stop:
-                    break
-                if i >= seg.start:
-                    yield seg.tar.name, sample["__key__"], sample.get("jpg")
-        except (tarfile.TarError, OSError) as exc:
-            raise DamagedShard(seg.tar, exc) from None
 
 
 def split_segments(shards: ShardSet, start: int, stop: int) -> list[Segment]:
@@ -118,11 +104,16 @@ def _jpg_entries(shard: Shard) -> list[Located]:
 
 
 def read_range(shards: ShardSet, start: int, stop: int) -> Iterator[tuple[str, str, bytes | None]]:
-    """(shard file name, key, jpg bytes or None) for positions [start, stop) of the split, in
-    order; raises DamagedShard for a tar that cannot be read (evaluate reads val this way)."""
-    return read_segments(split_segments(shards, start, stop))
-
-
+    """(shard file name, key, jpg bytes or None when the sample has no .jpg) for positions
+    [start, stop) of the split, in order; raises DamagedShard for a tar that cannot be read
+    (evaluate reads val this way)."""
+    for seg in split_segments(shards, start, stop):
+        samples = tariterators.tarfile_samples([{"url": str(seg.tar)}])
+        try:
+            for sample in itertools.islice(samples, seg.start, seg.stop):
+                yield seg.tar.name, sample["__key__"], sample.get("jpg")
+        except (tarfile.TarError, OSError) as exc:
+            raise DamagedShard(seg.tar, exc) from None
 
 
 def find_undecodable(shards: ShardSet, start: int, stop: int) -> str | None:
