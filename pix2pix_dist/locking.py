@@ -63,9 +63,11 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _describe(_read_holder(fd))
+            info = _read_holder(fd)
             os.close(fd)
-            raise LockError(f"{self.path.parent} is in use by another {holder or self.what} "
+            holder = (f"{info['what']} (pid {info['pid']} on {info['host']} since {info['since']}: "
+                      f"{info['command']})" if info else self.what)
+            raise LockError(f"{self.path.parent} is in use by another {holder} "
                             f"(lock {self.path}); wait for it to finish or stop it") from None
         except OSError:
             os.close(fd)
@@ -109,10 +111,3 @@ def _read_holder(fd: int) -> dict | None:
         return None
     return info
 
-
-def _describe(info: dict | None) -> str:
-    """'shard writer (pid 123 on host since ...: command)', or '' without a record."""
-    if info is None:
-        return ""
-    return (f"{info['what']} (pid {info['pid']} on {info['host']} since {info['since']}: "
-            f"{info['command']})")
