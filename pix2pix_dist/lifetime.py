@@ -9,6 +9,7 @@ and locks")."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -40,8 +41,6 @@ def end_at_once_on_ctrl_c() -> None:
     a second or more); a Ctrl-C there would raise KeyboardInterrupt inside a hook, which Python
     prints as an ignored exception with a traceback. Nothing is left to save by then."""
     for stream in (sys.stdout, sys.stderr):  # the default action leaves no time to flush
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     signal.signal(signal.SIGINT, signal.SIG_DFL)

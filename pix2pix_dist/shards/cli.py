@@ -62,8 +62,7 @@ def _summary(manifest: dict[str, Any], seconds: float) -> str:
         lines.append(f"  {s:<5} {info['samples']:>9,} samples in {n:>4} shard{'s' if n != 1 else ''}"
                      f"  ({info['bytes'] / 1e6:,.1f} MB)")
     skipped = manifest.get("skipped", {})
-    total_skipped = sum(skipped.values())
-    if total_skipped:
+    if total_skipped := sum(skipped.values()):
         lines.append(f"  skipped {total_skipped:,}:")
         for reason, count in sorted(skipped.items(), key=lambda kv: -kv[1]):
             ex = manifest.get("skipped_examples", {}).get(reason, [])[:3]
