@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data.lab import uint8_to_lab
+from .data.lab import one_cpu_thread, uint8_to_lab
 from .data.geometry import Augment, resize_to, resized_shape
 from .export import InferenceSettings, NormMode
 from .generators import build_generator
@@ -177,7 +177,9 @@ def compose_rows(read: RowReader, write: Callable[[int, Tensor], None], height: 
     rows = chunk_rows(width)
     for top in range(0, height, rows):
         bottom = min(top + rows, height)
-        write(top, color_rows(read(top, bottom).to(ab.device), full_ab.rows(top, bottom)))
+        with one_cpu_thread(ab.device):
+            colour = color_rows(read(top, bottom).to(ab.device), full_ab.rows(top, bottom))
+        write(top, colour)
 
 
 # Lab -> RGB at full resolution: the arithmetic of data/lab.py (Kornia's D65 constants), on

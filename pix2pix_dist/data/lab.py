@@ -7,6 +7,9 @@ curve gives NaN for negative values.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import kornia
 import torch
 from torch import Tensor
@@ -29,3 +32,21 @@ def lab_to_rgb(L_norm: Tensor, ab_norm: Tensor) -> Tensor:
 def uint8_to_lab(rgb: Tensor) -> tuple[Tensor, Tensor]:
     """A (B,3,H,W) uint8 batch straight from a backend -> normalised (L, ab)."""
     return rgb_to_lab(rgb.float().div_(255.0))
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Torch ops inside run on one intra-op thread when `device` is the CPU (the setting is
+    restored after). For per-pixel colour work beside other busy threads (DALI's, DataLoader
+    workers, other jobs): a small op split over busy cores waits at every barrier. Measured on
+    2 cores: Lab of an 8x128x128 batch 255 ms with 2 threads, 34 ms with one; colorize's
+    full-resolution colour of a 24 MP photo 7.2 s with 2, 1.2 s with one."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..config import DataConfig
 from ..errors import DataError, warn
-from .lab import uint8_to_lab
+from .lab import one_cpu_thread, uint8_to_lab
 from .sampling import batches_per_epoch
 from .shards_index import ShardSet
 
@@ -58,18 +58,10 @@ class Loader:
 
 
 def _to_lab(rgb: Tensor) -> tuple[Tensor, Tensor]:
-    """uint8_to_lab; on a CPU with one intra-op thread. The backend's own threads (DALI's, or
-    the step's) already fill the cores, and a small batch split over busy cores waits at every
-    operation's barrier: measured on 2 cores, 255 ms per 8x128x128 batch with 2 threads, 34 ms
-    with one, which made DALI's CPU mode 0.54x the tutorial's loader."""
-    if rgb.device.type != "cpu":
+    """uint8_to_lab; on a CPU with one intra-op thread: the backend's own threads already fill
+    the cores (DALI's CPU mode was 0.54x the tutorial's loader with two)."""
+    with one_cpu_thread(rgb.device):
         return uint8_to_lab(rgb)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return uint8_to_lab(rgb)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _pick_backend(requested: str, announce: bool) -> str:
