@@ -1,7 +1,7 @@
 """Reading one user image safely: regular files only, bounded pixels, 16-bit aware.
 
-`load_rgb` either returns uint8 RGB pixels or raises `Skip` with a short reason the caller counts
-(`not_a_file`, `too_large`, `unreadable`). Nothing here can block (a FIFO is refused before it
+`load_image` either returns the decoded image (`to_rgb` gives its uint8 RGB pixels) or raises
+`Skip` with a short reason the caller counts (`not_a_file`, `too_large`, `unreadable`). Nothing here can block (a FIFO is refused before it
 is read), decode more pixels than asked for (the header is checked first), or turn a 16-bit
 grayscale PNG into near-white (PIL clips `I;16` values at 255 when converting to RGB).
 """
@@ -125,12 +125,6 @@ class Skip(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
-
-
-def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file, EXIF-oriented, possibly read-only (copies of a
-    large photo are what this module avoids); raises Skip."""
-    return to_rgb(load_image(path, max_pixels))
 
 
 def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
