@@ -65,6 +65,14 @@ def _bool_option(nargs: int | tuple[int, ...], metavar: str) -> Any:
 BoolValue = _bool_option(1, "{true,false}")
 # A command's switch (`--dry-run`) is also a bare flag, meaning true.
 FlagValue = _bool_option((0, 1), "[{true,false}]")
+# A speed option whose default depends on the device: `auto` (stored as None) is resolved by
+# device_defaults.py; `true`/`false` are used as given on any device.
+AutoBoolValue = Annotated[bool | None, PrimitiveConstructorSpec(
+    nargs=1, metavar="{auto,true,false}",
+    instance_from_str=lambda args: None if args[0].lower() == "auto" else _read_bool(args),
+    is_instance=lambda value: value is None or isinstance(value, bool),
+    str_from_instance=lambda value: ["auto" if value is None else "true" if value else "false"]),
+    tyro.conf.FlagConversionOff]
 
 
 Norm = Literal["batch", "batch_local", "instance"]
@@ -185,10 +193,13 @@ class TrainConfig:
     (or train.steps) is the GAN phase that follows."""
     l1_warmup_steps: int = 0
     """Pin the warm-up's length in optimizer steps instead of train.l1_warmup_epochs."""
-    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
-    """`bf16`, `fp16` or `no`. On a machine without a GPU it falls back to `no` with a notice."""
-    channels_last: BoolValue = True
-    """Use channels_last memory format on CUDA (faster convolutions)."""
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    """`auto` (the device's measured fastest: bf16 on CUDA and on CPUs with native bf16, else
+    `no`), `bf16` (autocast, also on a CPU), `fp16` (CUDA only; `no` with a notice elsewhere) or
+    `no` (fp32)."""
+    channels_last: AutoBoolValue = None
+    """channels_last memory format for the networks and batches: `auto` (on CUDA, where it makes
+    convolutions faster; off on a CPU, where it measured slower), `true` or `false`."""
     compile: BoolValue = False
     """Wrap both networks in torch.compile (slow first steps, faster afterwards)."""
     fused_adam: BoolValue = True
@@ -356,8 +367,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # vanilla GAN loss + 100 x L1, Adam 2e-4 (0.5, 0.999) for both nets, constant lr (no
     # scheduler), 100 epochs, fp32, model.eval() for its visualisations. Deviations (README's
     # preset table): the images are the shards you give (`make shards ... LIMIT=10000` draws
-    # other ones); shuffled; grayscale photos dropped by the shard writer; bf16 autocast on GPUs
-    # (train.mixed_precision=no: fp32); fused Adam (train.fused_adam=false: plain Adam).
+    # other ones); shuffled; grayscale photos dropped by the shard writer; bf16 autocast where the
+    # device has it (train.mixed_precision=auto: GPUs, CPUs with native bf16; =no: fp32); fused
+    # Adam (train.fused_adam=false: plain Adam).
     "tutorial": {
         "data.shards": "shards/coco", "data.global_batch": 16, "data.resize": "square",
         "data.load_size": 256, "data.crop_size": 256, "data.flip": True,
@@ -456,6 +468,9 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     if typing.get_origin(typ) is Literal:
         ok = value in typing.get_args(typ)
         expected = " or ".join(repr(choice) for choice in typing.get_args(typ))
+    elif typ == bool | None:  # AutoBoolValue: "auto" (or JSON null) means the device's default
+        value = None if value == "auto" else value
+        ok, expected = value is None or isinstance(value, bool), "true, false or 'auto'"
     else:  # bool is an int subclass, but true is not a number here, nor 1 a boolean
         ok = (isinstance(value, (int, float) if typ is float else typ)
               and (typ is bool or not isinstance(value, bool)))

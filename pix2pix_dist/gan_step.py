@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import Config, OptimConfig
+from .device_defaults import resolve_train
 from .global_batchnorm import convert_to_global_batchnorm
 from .losses import d_loss, g_gan_loss, l1_loss
 from .generators import build_generator, generator_args
@@ -42,17 +43,14 @@ class Networks:
     opt_G: torch.optim.Optimizer
     opt_D: torch.optim.Optimizer
     memory_format: torch.memory_format
-    """channels_last on CUDA (when enabled), else contiguous."""
+    """channels_last when train.channels_last resolves to true (auto: on CUDA), else contiguous."""
 
 
-def build_networks(cfg: Config, accelerator,
-                   memory_format: torch.memory_format | None = None) -> Networks:
+def build_networks(cfg: Config, accelerator) -> Networks:
     """Models (pix2pix init; a ResNet-encoder G keeps its own), Adam optimizers, compile and DDP
-    via `accelerator.prepare`. Pretrained encoder weights come later, on a fresh start only
-    (resnet_unet.load_encoder_weights).
-
-    `memory_format` overrides the rule "channels_last on CUDA when train.channels_last" (tests
-    use it to check the layout on a CPU)."""
+    via `accelerator.prepare`; the speed settings left `auto` take the accelerator's device's
+    defaults (device_defaults.py). Pretrained encoder weights come later, on a fresh start only
+    (resnet_unet.load_encoder_weights)."""
     device, world, m = accelerator.device, accelerator.num_processes, cfg.model
     G_raw = build_generator(generator_args(m))
     D_raw = PatchDiscriminator(3, ndf=m.ndf, n_layers=m.d_layers, norm=m.norm)
@@ -62,20 +60,19 @@ def build_networks(cfg: Config, accelerator,
     if m.norm == "batch" and world > 1:  # statistics over the global batch (global_batchnorm.py)
         G_raw = convert_to_global_batchnorm(G_raw, device)
         D_raw = convert_to_global_batchnorm(D_raw, device)
-    if memory_format is None:
-        memory_format = torch.channels_last if (cfg.train.channels_last and device.type == "cuda") \
-            else torch.contiguous_format
+    train = resolve_train(cfg.train, device.type)
+    memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
     G_raw.to(device, memory_format=memory_format)
     D_raw.to(device, memory_format=memory_format)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
-    fused = cfg.train.fused_adam
+    fused = train.fused_adam
     opt_G = torch.optim.Adam(G_raw.parameters(), lr=cfg.optim.lr, betas=betas, fused=fused)
     opt_D = torch.optim.Adam(D_raw.parameters(), lr=cfg.optim.lr, betas=betas, fused=fused)
     # Only the networks are compiled: GanStep's requires_grad toggle and the optimizer steps stay
     # eager, so a toggle can never be baked into a graph (dynamo guards on it and keeps one graph
     # for D with trainable and one with frozen parameters).
-    G_fast = torch.compile(G_raw) if cfg.train.compile else G_raw
-    D_fast = torch.compile(D_raw) if cfg.train.compile else D_raw
+    G_fast = torch.compile(G_raw) if train.compile else G_raw
+    D_fast = torch.compile(D_raw) if train.compile else D_raw
     G, D, opt_G, opt_D = accelerator.prepare(G_fast, D_fast, opt_G, opt_D)
     if hasattr(D, "broadcast_buffers"):  # DDP-wrapped: see the module docstring
         D.broadcast_buffers = False

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import device_defaults
 from .atomic import atomic_write
 from .checkpoints import CheckpointManager, checkpoint_root
 from .config import Config, parse_command
@@ -86,13 +87,14 @@ def stop_signals() -> Iterator[list[int]]:
 
 
 def make_accelerator(cfg: Config):
+    """The Accelerator for `cfg`, whose train settings are resolved (device_defaults.resolve)."""
     from accelerate import Accelerator
 
     precision = cfg.train.mixed_precision
-    if precision != "no" and not torch.cuda.is_available():
-        # fp16 is refused on CPU and bf16 autocast there is slower than fp32 on most CPUs.
+    if precision == "fp16" and not torch.cuda.is_available():
+        # Accelerate refuses fp16 on a CPU; bf16 autocast runs there (ask for it explicitly).
         if rank_and_world()[0] == 0:  # before the Accelerator exists: the launcher's rank
-            warn(f"no CUDA device; train.mixed_precision={precision} -> no")
+            warn("no CUDA device; train.mixed_precision=fp16 -> no (bf16 runs on a CPU)")
         precision = "no"
     # cpu=True on a machine without CUDA: only then does Accelerate join the processes that
     # torchrun / `accelerate launch` started into one gloo group (otherwise each trains alone).
@@ -144,6 +146,7 @@ def claim_run_dir(run_dir: Path, accelerator) -> Iterator[None]:
 
 
 def train(cfg: Config) -> TrainResult:
+    cfg = device_defaults.resolve(cfg)  # `auto` speed settings -> this device's fastest
     check_tracker(cfg.log.tracker)
     die_with_parent()  # a SIGKILLed launcher must not leave this rank training on its own
     reach_rendezvous()  # nor waiting for a rendezvous that no longer exists

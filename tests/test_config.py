@@ -17,7 +17,7 @@ def test_presets_resolve_and_validate():
     tutorial = build_config("tutorial")
     assert (tutorial.data.global_batch, tutorial.data.batch_size, tutorial.train.epochs) == (16, 0, 100)
     assert (tutorial.data.resize, tutorial.data.load_size, tutorial.data.crop_size) == ("square", 256, 256)
-    assert tutorial.optim.decay_fraction == 0 and tutorial.train.mixed_precision == "bf16"
+    assert tutorial.optim.decay_fraction == 0 and tutorial.train.mixed_precision == "auto"
     paper = build_config("paper")
     assert (paper.data.global_batch, paper.train.epochs, paper.optim.decay_fraction) == (1, 200, 0.5)
     assert paper.eval.norm_mode == "batch"

@@ -1,6 +1,7 @@
-"""The shared GAN step's speed levers on CPU: each gives the reference's results where the math
-is the same, keeps its layout, skips non-finite steps on every rank, and reads the host only when
-asked (the CUDA synchronisation count itself is checked in tests/test_training_gpu.py)."""
+"""The shared GAN step's speed levers on CPU in fp32: each gives the reference's results where the
+math is the same, keeps its layout, skips non-finite steps on every rank, and reads the host only
+when asked. The same levers under bf16, on CUDA when present and else on the CPU (with the CUDA
+synchronisation check itself where there is a GPU), are in tests/test_training_gpu.py."""
 
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ def batch(seed: int, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
             torch.rand(n, 2, CROP, CROP, generator=gen) - 0.5)
 
 
-def make(accelerator, cfg: Config, memory_format=None) -> tuple[Networks, GanStep]:
+def make(accelerator, cfg: Config) -> tuple[Networks, GanStep]:
     torch.manual_seed(0)
-    nets = build_networks(cfg, accelerator, memory_format=memory_format)
+    nets = build_networks(cfg, accelerator)
     return nets, GanStep(accelerator, nets, cfg.optim, d_concat=cfg.train.d_concat)
 
 
@@ -52,10 +53,10 @@ def params(nets: Networks) -> dict[str, torch.Tensor]:
             for k, v in net.state_dict().items()}
 
 
-def run_steps(accelerator, cfg: Config, steps: int = 3, memory_format=None,
+def run_steps(accelerator, cfg: Config, steps: int = 3,
               losses: list | None = None) -> dict[str, torch.Tensor]:
     """Parameters after `steps` steps; each step's losses are appended to `losses`."""
-    nets, step = make(accelerator, cfg, memory_format)
+    nets, step = make(accelerator, cfg)
     torch.manual_seed(1)  # the same dropout noise in every variant
     for i in range(steps):
         result = step(*batch(i))
@@ -98,7 +99,7 @@ def test_d_concat_is_exact_without_batchnorm_and_changes_batchnorm_statistics(ac
 
 def test_channels_last_survives_the_step(accelerator):
     cl = torch.channels_last
-    nets, step = make(accelerator, tiny_config(), memory_format=cl)
+    nets, step = make(accelerator, tiny_config(channels_last=True))
     layouts: list[tuple[str, bool]] = []
 
     def record(module, inputs, output):
@@ -119,8 +120,10 @@ def test_channels_last_survives_the_step(accelerator):
                 assert p.is_contiguous(memory_format=cl)
                 assert opt.state[p]["exp_avg"].is_contiguous(memory_format=cl)
     # The same step in the default layout gives the same numbers.
-    assert_close(run_steps(accelerator, tiny_config(), memory_format=cl),
+    assert_close(run_steps(accelerator, tiny_config(channels_last=True)),
                  run_steps(accelerator, tiny_config()), rtol=1e-4, atol=1e-5)
+    # `auto` is the device's default: NCHW on a CPU (measured faster there), channels_last on CUDA.
+    assert make(accelerator, tiny_config())[0].memory_format == torch.contiguous_format
 
 
 class HostReads(TorchDispatchMode):
@@ -210,3 +213,19 @@ def test_the_loop_reads_skipped_steps_every_sync_every_steps(sample_shards, tmp_
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 4 steps had non-finite losses")
     assert proc.stderr.count("update skipped") == 1
     assert "non-finite loss in 4 step(s) up to step 4" in proc.stderr
+
+
+def test_auto_speed_settings_resolve_per_device_and_explicit_ones_are_kept():
+    from pix2pix_dist.config import parse_args
+    from pix2pix_dist.device_defaults import cpu_has_native_bf16, resolve_train
+
+    auto = parse_args([]).train
+    assert (auto.mixed_precision, auto.channels_last) == ("auto", None)
+    gpu, cpu = resolve_train(auto, "cuda"), resolve_train(auto, "cpu")
+    assert (gpu.mixed_precision, gpu.channels_last) == ("bf16", True)
+    assert (cpu.mixed_precision, cpu.channels_last) == ("bf16" if cpu_has_native_bf16() else "no",
+                                                        False)
+    given = parse_args(["train.mixed_precision=bf16", "train.channels_last=true"]).train
+    assert resolve_train(given, "cpu") == given  # an explicit request runs as asked, on a CPU too
+    assert parse_args(["train.channels_last=auto"]).train.channels_last is None
+    assert parse_args(["train.channels_last=false"]).train.channels_last is False
