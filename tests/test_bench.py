@@ -5,6 +5,7 @@ No timing thresholds here: speed targets live in the benchmark itself (PASS/FAIL
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -20,7 +21,8 @@ from PIL import Image
 from conftest import REPO
 from pix2pix_dist.bench import main
 from pix2pix_dist.bench.flops import count_flops, peak_bf16_tflops, step_flops_per_image
-from pix2pix_dist.bench.measure import LOADERS
+from pix2pix_dist import device_defaults
+from pix2pix_dist.bench.measure import LOADERS, median_run
 from pix2pix_dist.bench.point import PointSpec, point_config, run_point, timed_rows
 from pix2pix_dist.bench.report import summarize, write_results
 from pix2pix_dist.bench.settings import BenchSettings, resolve
@@ -30,12 +32,14 @@ from pix2pix_dist.config import Config
 
 TINY = ["--device", "cpu", "--synthetic", "16", "--batch-size", "4", "--train-batch-size", "2",
         "--batch-sweep", "2", "--crop", "64", "--num-downs", "6", "--ngf", "4", "--ndf", "4",
-        "--workers", "2", "--seconds", "0.2", "--warmup", "1", "--steps", "2", "--max-iters", "2"]
+        "--workers", "2", "--seconds", "0.2", "--warmup", "1", "--steps", "2", "--max-iters", "2",
+        "--repeats", "2", "--worker-counts", "1", "--colorize-megapixels", "0.02,0.05"]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> tuple[dict, Path]:
-    """One tiny full run: synthetic shards, two training points, three loaders."""
+    """One tiny full run: synthetic shards, two training points in two rounds, three loaders at
+    1 and 2 workers, colorize at two sizes."""
     root = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # the point processes: no thread contention on 2 cores
@@ -76,9 +80,19 @@ def test_training_points_run_the_real_loop_end_to_end(results):
         assert p["step_images_per_s"] >= p["images_per_s"]
         assert p["bottleneck"] in ("input pipeline", "training step")
         assert p["peak_gpu_mem_gib"] is None and p["mfu"] is None  # CPU: no peak to compare with
+    for p in train["points"]:  # two interleaved rounds: two runs each, a spread over them
+        assert len(p["runs_images_per_s"]) == 2 and p["images_per_s"] == pytest.approx(
+            sum(p["runs_images_per_s"]) / 2)
+        assert p["run_spread"]["min"] <= p["images_per_s"] <= p["run_spread"]["max"]
+        assert p["interval_spread"]["min"] <= p["interval_spread"]["max"]
+    assert len(train["round_ratios"]) == 2
+    spread = data["ratio_spreads"]["ours_over_reference_same_batch"]
+    assert spread["rounds"] == 2 and spread["min"] <= data["ratios"][
+        "ours_over_reference_same_batch"] <= spread["max"]
     ref, ours = train["points"][0]["train_config"], train["points"][1]["train_config"]
     assert (ref["mixed_precision"], ref["channels_last"], ref["fused_adam"]) == ("no", False, False)
-    assert ours["fused_adam"] is True and ours["compile"] is False
+    # Ours is exactly what train.py runs on this device: the same resolution of `auto`.
+    assert ours == dataclasses.asdict(device_defaults.resolve(Config(), "cpu").train)
     # The FLOPs are the hand-derived count of these networks (see test_step_flops_...).
     assert train["flops_per_image"] == hand_step_flops(64, num_downs=6, ngf=4, ndf=4)
     assert data["highlights"] == {"reference": 2, "ours_same_batch": 2, "ours_best": 2}
@@ -93,6 +107,22 @@ def test_every_loader_has_a_positive_finite_throughput(results):
         assert "error" not in entry, entry.get("error")
         assert math.isfinite(entry["images_per_s"]) and entry["images_per_s"] > 0
         assert entry["images"] == entry["batches"] * 4
+        assert len(entry["runs_images_per_s"]) == 2  # two rounds at --workers
+    assert [w["workers"] for w in data["data"]["by_workers"]] == [1, 2]  # the scaling curve
+    for w in data["data"]["by_workers"]:
+        assert all(w["loaders"][name]["images_per_s"] > 0 for name in LOADERS)
+    assert [len(v) for v in data["data"]["round_ratios"].values()] == [2, 2]
+
+
+@pytest.mark.slow  # the end-to-end benchmark run (colorize processes)
+def test_colorize_cost_is_measured_per_photo_size(results):
+    data, path = results
+    sizes = data["colorize"]
+    assert [round(c["megapixels"], 2) for c in sizes] == [0.02, 0.05]
+    for c in sizes:
+        assert "error" not in c, c.get("error")
+        assert c["seconds"] > 0 and c["peak_rss_mib"] >= c["rss_before_mib"] > 0
+    assert "## Colorize cost against photo size" in path.with_suffix(".md").read_text()
 
 
 # --- arithmetic against independent numbers ---------------------------------------------------
@@ -177,18 +207,29 @@ def test_peak_table_by_device_name(name, peak):
     assert peak_bf16_tflops(name) == peak
 
 
-def _hand_results(ref: float, same: float, best: float, device: str = "cuda") -> dict:
+def _hand_results(ref: float, same: float, best: float, device: str = "cuda",
+                  round_ratios: list[float] | None = None) -> dict:
     points = [{"kind": "reference", "batch": 16, "images_per_s": ref},
               {"kind": "ours", "batch": 16, "images_per_s": same},
               {"kind": "ours", "batch": 256, "images_per_s": best},
               {"kind": "ours", "batch": 512, "error": "CUDA out of memory"}]
     results = {"environment": {"device_type": device},
                "settings": {"train_batch_size": 16, "crop": 256, "num_downs": 8, "ngf": 64, "ndf": 64},
-               "train": {"points": points},
+               "train": {"points": points, "round_ratios": round_ratios},
                "data": {"loaders": {"dali": {"images_per_s": 21_000.0},
                                     "tutorial": {"images_per_s": 700.0}}}}
     summarize(results)
     return results
+
+
+def test_side_by_side_ratios_are_the_median_round_with_its_spread():
+    r = _hand_results(ref=870.0, same=4350.0, best=5220.0, round_ratios=[5.5, 4.0, 4.5])
+    assert r["ratios"]["ours_over_reference_same_batch"] == pytest.approx(4.5)
+    assert r["ratio_spreads"]["ours_over_reference_same_batch"] == {"min": 4.0, "max": 5.5,
+                                                                    "rounds": 3}
+    assert r["ratios"]["ours_best_over_reference"] == pytest.approx(6.0)  # medians' ratio
+    assert median_run([{"images_per_s": 3.0, "id": "a"}, {"images_per_s": 1.0, "id": "b"},
+                       {"images_per_s": 2.0, "id": "c"}])["id"] == "c"
 
 
 def test_speed_ups_and_verdicts_from_hand_made_numbers():
@@ -240,7 +281,9 @@ def test_a_failing_point_is_one_line_and_the_rest_goes_on(tmp_path):
 def test_sweep_starts_at_the_reference_batch_without_repeats():
     s = resolve(BenchSettings(device="cpu", train_batch_size=16, batch_sweep="64, 16,128,64"))
     assert s.sweep() == [16, 64, 128]
-    assert resolve(BenchSettings(device="cpu")).sweep() == [2]  # CPU default: no sweep
+    assert resolve(BenchSettings(device="cpu")).sweep() == [2, 1, 4]  # CPU default
+    s = resolve(BenchSettings(device="cpu", workers=3, worker_counts="4,1"))
+    assert s.worker_sweep() == [1, 3, 4]  # --workers is always on the curve
 
 
 @pytest.mark.gpu
@@ -270,9 +313,11 @@ def test_gpu_check_script_dry_run_names_valid_bounded_steps():
     steps = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
     assert [name.split()[0] for name in steps] == ["gpu-tests", "bench", "sample-shards", "demo"]
     limits = [int(name.split("limit ")[1].rstrip("s)")) for name in steps]
-    assert sum(limits) <= 540  # fits a session's device time with start-up and staging
+    assert sum(limits) <= 360  # fits a session's device time with start-up and staging
     commands = list(steps.values())
-    assert "-m pytest -q -m gpu" in commands[0]
+    # The gpu-marked tests and the speed-path tests that run on CUDA when it is there.
+    assert "-m pytest -q" in commands[0] and "tests/test_training_gpu.py" in commands[0]
+    assert "tests/test_data_gpu.py" in commands[0]
     bench = shlex.split(commands[1])
     assert bench[1:3] == ["-m", "pix2pix_dist.bench"] and "--compile" in bench
     settings = resolve(parse(BenchSettings, bench[3:], prog="bench", description=""))

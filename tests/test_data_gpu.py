@@ -1,5 +1,7 @@
 """Input pipeline on a CUDA GPU: DALI's mixed (nvJPEG/hardware) decoder, torchvision's nvJPEG
-path, and batches that stay on the device. Skipped cleanly without CUDA."""
+path, and batches that stay on the device. Every test here needs CUDA itself (those operators
+and device-resident batches exist only on a GPU; the same pipelines' CPU paths are tested in
+tests/test_data.py), so the module keeps the gpu marker and skips cleanly without CUDA."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from pix2pix_dist.data import build_loader
 from pix2pix_dist.data.shards_index import find_shards
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs CUDA itself: DALI mixed decode, nvJPEG, GPU batches")]
 CUDA = torch.device("cuda", 0)
 
 

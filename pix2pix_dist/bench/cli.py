@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from ..cli import parse
+from ..config import Config
 from ..errors import run_main
+from .colorize_cost import measure_colorize
 from .measure import measure_input_pipelines, measure_training, train_shards
 from .report import environment, format_report, summarize, write_results
 from .settings import BenchSettings, resolve
@@ -20,7 +22,8 @@ from .synthetic import SYNTH_QUALITY, SYNTH_SIZE, ensure_synthetic_shards
 
 DESCRIPTION = ("Throughput of pix2pix_dist: the reference step (fp32, NCHW, eager, plain Adam) and "
                "ours side by side, end to end from shards through the training loop, with FLOPs, "
-               "MFU and a batch sweep; and the input pipelines alone (DALI, torch, tutorial).")
+               "MFU and a batch sweep; the input pipelines alone (DALI, torch, tutorial) over a "
+               "worker sweep; and colorize's seconds and peak memory against megapixels.")
 
 
 def run(s: BenchSettings, command: str) -> dict[str, Any]:
@@ -41,11 +44,16 @@ def run(s: BenchSettings, command: str) -> dict[str, Any]:
         shards = ensure_synthetic_shards(Path(s.cache), s.synthetic, seed=s.seed, workers=s.workers)
         results["data_source"] = (f"synthetic: {s.synthetic} {SYNTH_SIZE[0]}x{SYNTH_SIZE[1]} "
                                   f"JPEG q{SYNTH_QUALITY} crops of scikit-image photos")
-    if s.only != "data":
+    if s.only in (None, "train"):
         results["train"] = measure_training(s, shards, device,
                                             results["environment"]["device_name"])
-    if s.only != "train":
+    if s.only in (None, "data"):
         results["data"] = measure_input_pipelines(s, shards, device)
+    if s.only in (None, "colorize") and s.megapixels():
+        cfg = Config()
+        cfg.model.num_downs, cfg.model.ngf = s.num_downs, s.ngf
+        cfg.data.crop_size, cfg.data.load_size = s.crop, s.load_size
+        results["colorize"] = measure_colorize(cfg, s.megapixels(), s.device, s.point_timeout)
     summarize(results)
     return results
 

@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import itertools
 import math
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,49 +77,98 @@ def _time_batches(stream: Iterator[tuple[torch.Tensor, torch.Tensor]], s: BenchS
             "seconds": seconds, "first_batch_s": first_s}
 
 
-def measure_input_pipelines(s: BenchSettings, shards: Path, device: torch.device) -> dict[str, Any]:
-    """img/s of the DALI loader, the torch fallback and the tutorial loader on `shards`."""
+def _measure_loader(name: str, s: BenchSettings, shards: Path, device: torch.device,
+                    workers: int) -> dict[str, Any]:
+    """One timed window of one input pipeline with `workers` threads/workers, or {"error": ...}."""
     from ..config import DataConfig
     from ..data import DataError, build_loader
 
     split = train_shards(shards)
     tars, images = [shard.tar for shard in split.shards], split.total
-    results: dict[str, Any] = {}
-    for name in LOADERS:
-        print(f"measuring input pipeline: {name} ...", flush=True)
-        entry: dict[str, Any] = {"batch_size": s.batch_size, "workers": s.workers}
-        try:
-            if name == "tutorial":
-                min_samples = s.batch_size * s.workers * 64  # never reach an epoch boundary
-                stream = tutorial_batches(tars, batch_size=s.batch_size, size=s.crop,
-                                          workers=s.workers, device=device, min_samples=min_samples)
-                entry["pipeline"] = (f"PIL + Resize(({s.crop},{s.crop}), BICUBIC) + flip + "
-                                     f"skimage rgb2lab, DataLoader({s.workers} workers)")
-                quantum = s.workers
-            else:
-                cfg = DataConfig(shards=str(shards), backend=name, load_size=s.load_size,
-                                 crop_size=s.crop, num_threads=s.workers,
-                                 shuffle_buffer=max(1, min(DataConfig.shuffle_buffer, images)))
-                loader = build_loader(split, cfg, batch_size=s.batch_size, rank=0, world_size=1,
-                                      device=device, seed=s.seed)
-                entry.update(backend=loader.backend, batches_per_epoch=len(loader),
-                             pipeline=f"resize {s.load_size} + crop {s.crop} + flip + Lab")
-                # Epochs 0, 1, 2, ...: each iter() of a Loader is its next epoch.
-                stream = itertools.chain.from_iterable(itertools.repeat(loader))
-                # DALI threads and the torch fallback's per-sample worker stream deliver batches
-                # smoothly; only the tutorial's per-batch workers arrive in bursts.
-                quantum = 1
-            entry.update(_time_batches(stream, s, device, quantum))
-        except BenchError:
-            raise
-        except Exception as exc:  # noqa: BLE001 -- e.g. DALI missing: report it, measure the rest
-            entry["error"] = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
-            print(f"  {name}: skipped: {entry['error']}", flush=True)
-        finally:
-            stream = loader = None  # noqa: F841 -- stop workers before the next loader starts
-            gc.collect()
-        results[name] = entry
-    return {"shards": str(shards), "images": images, "tars": len(tars), "loaders": results}
+    entry: dict[str, Any] = {"batch_size": s.batch_size, "workers": workers}
+    stream = loader = None
+    try:
+        if name == "tutorial":
+            min_samples = s.batch_size * workers * 64  # never reach an epoch boundary
+            stream = tutorial_batches(tars, batch_size=s.batch_size, size=s.crop,
+                                      workers=workers, device=device, min_samples=min_samples)
+            entry["pipeline"] = (f"PIL + Resize(({s.crop},{s.crop}), BICUBIC) + flip + "
+                                 f"skimage rgb2lab, DataLoader({workers} workers)")
+            quantum = workers
+        else:
+            cfg = DataConfig(shards=str(shards), backend=name, load_size=s.load_size,
+                             crop_size=s.crop, num_threads=workers,
+                             shuffle_buffer=max(1, min(DataConfig.shuffle_buffer, images)))
+            loader = build_loader(split, cfg, batch_size=s.batch_size, rank=0, world_size=1,
+                                  device=device, seed=s.seed)
+            entry.update(backend=loader.backend, batches_per_epoch=len(loader),
+                         pipeline=f"resize {s.load_size} + crop {s.crop} + flip + Lab")
+            # Epochs 0, 1, 2, ...: each iter() of a Loader is its next epoch.
+            stream = itertools.chain.from_iterable(itertools.repeat(loader))
+            # DALI threads and the torch fallback's per-sample worker stream deliver batches
+            # smoothly; only the tutorial's per-batch workers arrive in bursts.
+            quantum = 1
+        entry.update(_time_batches(stream, s, device, quantum))
+    except BenchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- e.g. DALI missing: report it, measure the rest
+        entry["error"] = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+        print(f"  {name}: skipped: {entry['error']}", flush=True)
+    finally:
+        stream = loader = None  # noqa: F841 -- stop workers before the next loader starts
+        gc.collect()
+    return entry
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """min, median and max of `values` (the figure is the median; min-max is its spread)."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One figure from repeated runs: the median run's entry (a real run, not a mean), with every
+    run's images/s and their spread."""
+    rates = [r["images_per_s"] for r in runs]
+    middle = runs[rates.index(sorted(rates)[(len(rates) - 1) // 2])]
+    return {**middle, "images_per_s": statistics.median(rates), "runs_images_per_s": rates,
+            "run_spread": spread(rates)}
+
+
+def _ratios_per_round(runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """DALI and torch over the tutorial loader, one ratio per round (measured side by side)."""
+    return {f"{name}_over_tutorial": [a["images_per_s"] / b["images_per_s"]
+                                      for a, b in zip(runs[name], runs["tutorial"])]
+            for name in ("dali", "torch")}
+
+
+def measure_input_pipelines(s: BenchSettings, shards: Path, device: torch.device) -> dict[str, Any]:
+    """img/s of the DALI loader, the torch fallback and the tutorial loader on `shards`: at
+    `s.workers` in `s.repeats` interleaved rounds (the ratios and their spread), then once at
+    each other count of the worker sweep (the scaling curve)."""
+    split = train_shards(shards)
+    by_workers = []
+    for workers in s.worker_sweep():
+        rounds = s.repeats if workers == s.workers else 1
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in LOADERS}
+        failed: dict[str, dict[str, Any]] = {}
+        for i in range(rounds):
+            for name in LOADERS:
+                if name in failed:
+                    continue
+                print(f"measuring input pipeline: {name}, {workers} worker(s)"
+                      f"{f', round {i + 1}/{rounds}' if rounds > 1 else ''} ...", flush=True)
+                entry = _measure_loader(name, s, shards, device, workers)
+                if "error" in entry:
+                    failed[name] = entry
+                else:
+                    runs[name].append(entry)
+        loaders = {name: failed.get(name) or median_run(runs[name]) for name in LOADERS}
+        by_workers.append({"workers": workers, "loaders": loaders,
+                           "round_ratios": _ratios_per_round(runs)})
+    main = next(w for w in by_workers if w["workers"] == s.workers)
+    return {"shards": str(shards), "images": split.total, "tars": len(split.shards),
+            "loaders": main["loaders"], "round_ratios": main["round_ratios"],
+            "by_workers": by_workers}
 
 
 # Training points
@@ -129,8 +179,9 @@ INPUT_BOUND_WAIT = 0.05
 
 def measure_training(s: BenchSettings, shards: Path, device: torch.device,
                      device_name: str) -> dict[str, Any]:
-    """The reference step and ours at the same batch, ours over the batch sweep; FLOPs per image
-    counted on our real step; achieved TFLOP/s and MFU against the device's bf16 peak."""
+    """The reference step and ours at the same batch, in `s.repeats` interleaved rounds (so a
+    load change on a busy machine hits both), then ours over the rest of the batch sweep; FLOPs
+    per image counted on our real step; achieved TFLOP/s and MFU against the device's bf16 peak."""
     from accelerate import Accelerator
 
     base = PointSpec(kind="ours", batch=s.train_batch_size, shards=str(shards), crop=s.crop,
@@ -144,22 +195,46 @@ def measure_training(s: BenchSettings, shards: Path, device: torch.device,
     if device.type == "cuda":
         torch.cuda.empty_cache()
     peak = peak_bf16_tflops(device_name) if device.type == "cuda" else None
-    specs = [dataclasses.replace(base, kind="reference")]
-    specs += [dataclasses.replace(base, batch=b) for b in s.sweep()]
+    reference = dataclasses.replace(base, kind="reference")
+    rounds = [(reference, base)] * s.repeats + [
+        (dataclasses.replace(base, batch=b),) for b in s.sweep() if b != base.batch]
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    errors: dict[tuple[str, int], str] = {}
+    for i, specs in enumerate(rounds):
+        for spec in specs:
+            key = (spec.kind, spec.batch)
+            if key in errors:
+                continue
+            print(f"measuring training: {spec.kind}, batch {spec.batch}"
+                  f"{f', round {i + 1}/{s.repeats}' if i < s.repeats else ''} ...", flush=True)
+            result = run_point(spec, s.point_timeout)
+            if "error" in result:
+                print(f"  skipped: {result['error']}", flush=True)
+                errors[key] = result["error"]
+            else:
+                print(f"  {result['images_per_s']:.2f} img/s", flush=True)
+                runs.setdefault(key, []).append(result)
     points = []
-    for spec in specs:
-        print(f"measuring training: {spec.kind}, batch {spec.batch} ...", flush=True)
-        entry: dict[str, Any] = {"kind": spec.kind, "batch": spec.batch,
-                                 **run_point(spec, s.point_timeout)}
-        if "error" in entry:
-            print(f"  skipped: {entry['error']}", flush=True)
+    for key in dict.fromkeys([(reference.kind, reference.batch), *((base.kind, b) for b in s.sweep())]):
+        entry: dict[str, Any] = {"kind": key[0], "batch": key[1]}
+        if key in errors:
+            entry["error"] = errors[key]
         else:
+            entry.update(median_run(runs[key]))
+            entry["interval_spread"] = spread([x for run in runs[key]
+                                               for x in run["interval_images_per_s"]])
             entry["tflop_per_s"] = entry["images_per_s"] * flops / 1e12
             entry["mfu"] = entry["tflop_per_s"] / peak if peak else None
             entry["bottleneck"] = ("input pipeline" if entry["data_wait_frac"] > INPUT_BOUND_WAIT
                                    else "training step")
         points.append(entry)
+    same = [(ours["images_per_s"] / ref["images_per_s"])
+            for ref, ours in zip(runs.get((reference.kind, reference.batch), []),
+                                 runs.get((base.kind, base.batch), []))]
     return {"flops_per_image": flops, "flop_count": "torch.utils.flop_counter.FlopCounterMode "
             "on one eager call of the training step (convolutions and matmuls, forward and backward)",
             "peak_bf16_tflops": peak, "peak_source": (device_name if peak else "unknown"),
-            "points": points}
+            "points": points,
+            # One ratio per round (ours over the reference run just before it): their median is
+            # the headline ratio, their min-max its spread.
+            "round_ratios": same}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .. import device_defaults
 from ..atomic import atomic_write
 from ..config import Config
 
@@ -49,8 +50,9 @@ class PointSpec:
 
 
 def point_config(spec: PointSpec, device_type: str) -> Config:
-    """The run a point trains: our defaults, or the reference's habits (fp32, NCHW, eager, plain
-    Adam, host-checked skips), with the same networks, losses, data and batch."""
+    """The run a point trains: our defaults as train.py resolves them on `device_type`
+    (device_defaults.py), or the reference's habits (fp32, NCHW, eager, plain Adam, host-checked
+    skips), with the same networks, losses, data and batch."""
     cfg = Config()
     d, t = cfg.data, cfg.train
     d.shards, d.batch_size, d.num_threads = spec.shards, spec.batch, spec.workers
@@ -65,11 +67,9 @@ def point_config(spec: PointSpec, device_type: str) -> Config:
     cfg.run_dir = spec.run_dir
     if spec.kind == "reference":
         t.mixed_precision, t.channels_last, t.compile, t.fused_adam = "no", False, False, False
-    else:
+    else:  # train.py's defaults, resolved for this device by the one rule train() applies
         t.compile = spec.compile
-        if device_type != "cuda":
-            t.mixed_precision = "no"  # what train() would fall back to, said here explicitly
-    return cfg
+    return device_defaults.resolve(cfg, device_type)
 
 
 def timed_rows(rows: list[dict[str, Any]], spec: PointSpec) -> dict[str, Any]:
@@ -86,6 +86,7 @@ def timed_rows(rows: list[dict[str, Any]], spec: PointSpec) -> dict[str, Any]:
     wait = sum(r["perf/data_wait_frac"] * per_row / r["perf/images_per_s"] for r in timed)
     mem = [r["perf/gpu_mem_gib"] for r in timed if "perf/gpu_mem_gib" in r]
     return {"images_per_s": images / seconds, "seconds": seconds, "images": images,
+            "interval_images_per_s": [r["perf/images_per_s"] for r in timed],
             "timed_steps": spec.log_every * len(timed), "data_wait_frac": wait / seconds,
             "step_images_per_s": images / (seconds - wait) if seconds > wait else None,
             "peak_gpu_mem_gib": max(mem) if mem else None}
@@ -125,7 +126,7 @@ def main(argv: list[str]) -> int:
     cfg = point_config(spec, device_type)
     train(cfg.validate())
     stats = (Path(cfg.run_dir) / "stats.jsonl").read_text().splitlines()
-    bf16 = cfg.train.mixed_precision == "bf16" and device_type == "cuda"
+    bf16 = cfg.train.mixed_precision == "bf16"
     result = {**timed_rows([json.loads(line) for line in stats], spec),
               "precision": "bf16 autocast" if bf16 else "fp32",
               "train_config": dataclasses.asdict(cfg.train)}

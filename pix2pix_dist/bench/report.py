@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,8 @@ def environment(device: torch.device) -> dict[str, Any]:
                            if cuda else None),
         "driver": _driver_version() if cuda else None,
         "platform": platform.platform(),
+        # Other jobs on the machine: what the spreads have to absorb.
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": _version("torchvision"),
@@ -114,6 +118,10 @@ def summarize(results: dict[str, Any]) -> None:
     train = results.get("train", {})
     top = training_highlights(train, results["settings"]["train_batch_size"])
     results["highlights"] = {k: (v["batch"] if v else None) for k, v in top.items()}
+    # Ratios measured side by side get one value per round: the ratio is their median, and
+    # their min-max is its spread; the others are ratios of medians.
+    rounds = {"ours_over_reference_same_batch": train.get("round_ratios") or [],
+              **results.get("data", {}).get("round_ratios", {})}
     results["ratios"] = {
         "ours_over_reference_same_batch": _ratio(top["ours_same_batch"], top["reference"]),
         "ours_best_over_reference": _ratio(top["ours_best"], top["reference"]),
@@ -123,6 +131,12 @@ def summarize(results: dict[str, Any]) -> None:
         # > 1: the input pipeline alone outruns the fastest training point it has to feed.
         "dali_over_ours_best": _ratio(loaders.get("dali"), top["ours_best"]),
     }
+    results["ratio_spreads"] = {}
+    for key, values in rounds.items():
+        if values:
+            results["ratios"][key] = statistics.median(values)
+            results["ratio_spreads"][key] = {"min": min(values), "max": max(values),
+                                             "rounds": len(values)}
     env, st = results["environment"], results["settings"]
     # The issue's targets are defined for one H100/H200 with the default 256x256 networks.
     judged = (env["device_type"] == "cuda" and st["crop"] == 256 and st["num_downs"] == 8
@@ -151,55 +165,125 @@ def _fmt(x: float | None, spec: str = ",.1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _spread(entry: dict[str, Any], key: str, spec: str = ",.1f") -> str:
+    """`min-max` of a figure's spread entry, or - when it has none."""
+    sp = entry.get(key)
+    return "-" if not sp else f"{format(sp['min'], spec)}-{format(sp['max'], spec)}"
+
+
+SPEED_KEYS = ("mixed_precision", "channels_last", "fused_adam", "compile", "sync_every", "d_concat")
+
+
+def _settings_used(points: list[dict[str, Any]], device_type: str) -> list[str]:
+    """Which speed settings each kind of point ran, as train.py resolved them, and why."""
+    lines = []
+    for kind in ("reference", "ours"):
+        p = next((p for p in points if p["kind"] == kind and "train_config" in p), None)
+        if p:
+            used = ", ".join(f"{k}={p['train_config'][k]}" for k in SPEED_KEYS)
+            lines.append(f"- {kind}: {used}")
+    why = ("the reference is the original pix2pix habits; ours is `train.py`'s defaults, resolved "
+           f"for {device_type} by pix2pix_dist/device_defaults.py (the same function train.py "
+           "calls): the speed options measured fastest on this kind of device "
+           "(docs/design.md, \"Per-device defaults\")")
+    return lines + [f"- why: {why}"] if lines else []
+
+
 def format_report(results: dict[str, Any]) -> str:
     """The results as Markdown (also printed: it reads fine as plain text)."""
     env, st = results["environment"], results["settings"]
     lines = [f"# pix2pix_dist benchmark, {results['date']}", "",
              f"Device: **{env['device_name']}** ({env['device_type']}), driver "
-             f"{env.get('driver') or '-'}, {env['cpu_cores']} CPU cores ({env['cpu_model']})", "",
+             f"{env.get('driver') or '-'}, {env['cpu_cores']} CPU cores ({env['cpu_model']})"
+             + (f", load average {env['load_average']:.2f} at the start"
+                if env.get("load_average") is not None else ""), "",
              f"Command: `{results['command']}`", ""]
+    ratios = {k: v for k, v in results["ratios"].items() if v is not None}
+    if ratios:
+        spreads = results.get("ratio_spreads", {})
+        lines += ["## Ratios", "", "Side-by-side ratios are the median over interleaved rounds, "
+                  "with their min-max.", ""]
+        for k, v in ratios.items():
+            sp = spreads.get(k)
+            lines.append(f"- {k}: **{v:.2f}x**" + (
+                f" (min {sp['min']:.2f}x, max {sp['max']:.2f}x over {sp['rounds']} rounds)"
+                if sp else ""))
+        lines.append("")
     train = results.get("train")
     if train:
         gflop = train["flops_per_image"] / 1e9
         peak = train["peak_bf16_tflops"]
         lines += [f"## Training, end to end: shards -> loader -> the training loop "
                   f"(crop {st['crop']}, num_downs {st['num_downs']}, ngf {st['ngf']}, ndf {st['ndf']})", "",
-                  "| step | batch | img/s | step-only img/s | data wait | bottleneck | TFLOP/s | "
-                  "MFU | peak GPU GiB |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+                  "| step | batch | img/s (median) | runs min-max | intervals min-max | "
+                  "step-only img/s | data wait | bottleneck | TFLOP/s | MFU | peak GPU GiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         for p in train["points"]:
             name = "reference (fp32, NCHW, eager, plain Adam)" if p["kind"] == "reference" else "ours"
             if "error" in p:
-                lines.append(f"| {name} | {p['batch']} | skipped: {p['error']} | | | | | | |")
+                lines.append(f"| {name} | {p['batch']} | skipped: {p['error']} | | | | | | | | |")
                 continue
             mfu = "-" if p["mfu"] is None else f"{100 * p['mfu']:.1f}%"
             lines.append(
-                f"| {name} | {p['batch']} | {_fmt(p['images_per_s'])} | "
-                f"{_fmt(p['step_images_per_s'])} | {100 * p['data_wait_frac']:.1f}% | "
+                f"| {name} | {p['batch']} | {_fmt(p['images_per_s'], ',.2f')} | "
+                f"{_spread(p, 'run_spread', ',.2f')} ({len(p['runs_images_per_s'])}) | "
+                f"{_spread(p, 'interval_spread', ',.2f')} | "
+                f"{_fmt(p['step_images_per_s'], ',.2f')} | {100 * p['data_wait_frac']:.1f}% | "
                 f"{p['bottleneck']} | {_fmt(p['tflop_per_s'], '.3g')} | {mfu} | "
                 f"{_fmt(p['peak_gpu_mem_gib'], '.2f')} |")
         lines += ["", f"FLOPs per image, counted by FlopCounterMode on the real step: "
                       f"{gflop:.2f} GFLOP. MFU against the dense bf16 peak of "
                       f"{'%g TFLOP/s (%s)' % (peak, train['peak_source']) if peak else 'an unknown device'}"
-                      f". Ours: {'torch.compile' if st['compile'] else 'eager'}; every point "
-                      f"times {st['steps']} steps after {st['warmup']} warm-up steps.", ""]
+                      f". Every run times {st['steps']} steps (intervals of {math.gcd(st['warmup'], st['steps'])}) "
+                      f"after {st['warmup']} warm-up steps; the reference and ours at batch "
+                      f"{st['train_batch_size']} ran in {st['repeats']} interleaved rounds "
+                      f"(runs min-max, number of runs in brackets), the sweep's other batches "
+                      f"once (intervals min-max).", "", "Settings used:", ""]
+        lines += _settings_used(train["points"], env["device_type"]) + [""]
     data = results.get("data")
     if data:
         lines += [f"## Input pipeline alone: {data['images']} images in {data['tars']} shard(s) at "
-                  f"`{data['shards']}`, batch {st['batch_size']}, {st['workers']} workers/threads", "",
-                  "| loader | img/s | batches | seconds | first batch s | batches/epoch | what it does |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
-        for name, e in data["loaders"].items():
-            if "error" in e:
-                lines.append(f"| {name} | skipped | | | | | {e['error']} |")
-            else:
-                lines.append(f"| {name} | {_fmt(e['images_per_s'])} | {e['batches']} | "
-                             f"{e['seconds']:.2f} | {e['first_batch_s']:.2f} | "
-                             f"{e.get('batches_per_epoch', 'endless')} | {e.get('pipeline', '')} |")
-        lines += ["", "The tutorial loader's dataset repeats (no epoch boundaries are timed); ours "
-                      "run real epochs.", ""]
-    ratios = {k: v for k, v in results["ratios"].items() if v is not None}
-    if ratios:
-        lines += ["## Ratios", ""] + [f"- {k}: {v:.2f}x" for k, v in ratios.items()] + [""]
+                  f"`{data['shards']}`, batch {st['batch_size']}", "",
+                  "| loader | workers/threads | img/s (median) | runs min-max | batches | "
+                  "seconds | first batch s | batches/epoch | what it does |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for w in data.get("by_workers", [{"workers": st["workers"], "loaders": data["loaders"]}]):
+            for name, e in w["loaders"].items():
+                if "error" in e:
+                    lines.append(f"| {name} | {w['workers']} | skipped | | | | | | {e['error']} |")
+                else:
+                    lines.append(
+                        f"| {name} | {w['workers']} | {_fmt(e['images_per_s'])} | "
+                        f"{_spread(e, 'run_spread')} ({len(e.get('runs_images_per_s', [1]))}) | "
+                        f"{e['batches']} | {e['seconds']:.2f} | {e['first_batch_s']:.2f} | "
+                        f"{e.get('batches_per_epoch', 'endless')} | {e.get('pipeline', '')} |")
+        lines += ["", f"At {st['workers']} workers the loaders ran in {st['repeats']} interleaved "
+                      f"rounds; other counts once. The tutorial loader's dataset repeats (no epoch "
+                      f"boundaries are timed); ours run real epochs.", ""]
+    colorize = results.get("colorize")
+    if colorize:
+        lines += ["## Colorize cost against photo size (one photo per process, "
+                  f"{st['device']})", "",
+                  "| megapixels | size | seconds | MP/s | peak RSS MiB | RSS before MiB | "
+                  "s per added MP | MiB per added MP |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        previous = None
+        for c in colorize:
+            size = "x".join(map(str, c["size"]))
+            if "error" in c:
+                lines.append(f"| {c['megapixels']:.2f} | {size} | skipped: {c['error']} | | | | | |")
+                continue
+            # The slope from the previous size: the per-pixel cost without the fixed start-up
+            # (loading the export, the first forward).
+            slope = ("-", "-") if previous is None else (
+                f"{(c['seconds'] - previous['seconds']) / (c['megapixels'] - previous['megapixels']):.2f}",
+                f"{(c['peak_rss_mib'] - previous['peak_rss_mib']) / (c['megapixels'] - previous['megapixels']):.0f}")
+            lines.append(f"| {c['megapixels']:.2f} | {size} | {c['seconds']:.2f} | "
+                         f"{c['megapixels_per_s']:.2f} | {c['peak_rss_mib']:,.0f} | "
+                         f"{c['rss_before_mib']:,.0f} | {slope[0]} | {slope[1]} |")
+            previous = c
+        lines += ["", "Seconds: the whole `pix2pix-colorize` call on one JPEG (export load, decode, "
+                      "network, Lab composition, PNG encode); RSS before: the process after its "
+                      "imports.", ""]
     t = results["targets"]
     lines += [f"## Targets ({t['defined_for']})", ""]
     for key in ("dali_images_per_s", "end_to_end_images_per_s", "ours_over_reference_batch_16"):

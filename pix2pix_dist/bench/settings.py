@@ -31,7 +31,17 @@ class BenchSettings:
     """Batch of the reference step and of ours beside it (default: 16 on CUDA, 2 on CPU)."""
     batch_sweep: Maybe[str] = None
     """Further batches for our step, comma-separated, e.g. 64,128,256 (default: 64,128,256 on
-    CUDA, none on CPU); the fastest point is reported as ours at its best batch."""
+    CUDA, 1,4 on CPU); the fastest point is reported as ours at its best batch."""
+    repeats: Maybe[int] = None
+    """Rounds of the reference and ours at the same batch, and of the input pipelines at
+    --workers, interleaved so that a load change on a busy machine hits both sides; figures are
+    medians over the rounds, with min-max (default: 3 on CPU, 2 on CUDA)."""
+    worker_counts: Maybe[str] = None
+    """Loader worker/thread counts of the scaling curve, comma-separated (default: 1, 2, 4, ...
+    up to the CPU cores, and --workers)."""
+    colorize_megapixels: Maybe[str] = None
+    """Photo sizes in megapixels for the colorize cost curve, comma-separated; empty: skip it
+    (default: 0.3,1,4 on CPU, 1,4,16 on CUDA)."""
     crop: Maybe[int] = None
     """Training crop (default: 256 on CUDA, 128 on CPU)."""
     load_size: Maybe[int] = None
@@ -45,16 +55,17 @@ class BenchSettings:
     workers: int = os.cpu_count() or 1
     """DALI threads / DataLoader workers of every loader (the same for a fair ratio)."""
     seconds: Maybe[float] = None
-    """Timed seconds per input-pipeline measurement (default: 20 on CUDA, 4 on CPU)."""
+    """Timed seconds per input-pipeline measurement (default: 20 on CUDA, 3 on CPU)."""
     max_iters: Maybe[int] = None
     """Cap on the timed batches of an input-pipeline measurement."""
     warmup: Maybe[int] = None
     """Warm-up batches of the input pipelines, and untimed first training steps (torch.compile
     and cuDNN autotuning happen there). Default: 20 on CUDA, 2 on CPU."""
     steps: Maybe[int] = None
-    """Timed training steps per training point, after the warm-up (default: 100 on CUDA, 4 on CPU)."""
-    only: Maybe[Literal["data", "train"]] = None
-    """Measure only the input pipelines (`data`) or only the training points (`train`)."""
+    """Timed training steps per training point, after the warm-up (default: 100 on CUDA, 8 on CPU)."""
+    only: Maybe[Literal["data", "train", "colorize"]] = None
+    """Measure only the input pipelines (`data`), the training points (`train`) or colorize's
+    cost curve (`colorize`)."""
     compile: bool = False
     """Our step under torch.compile (the reference always runs eager)."""
     point_timeout: float = 1800.0
@@ -69,6 +80,16 @@ class BenchSettings:
         assert self.train_batch_size is not None and self.batch_sweep is not None
         extra = [int(b) for b in self.batch_sweep.split(",") if b.strip()]
         return list(dict.fromkeys([self.train_batch_size, *extra]))
+
+    def worker_sweep(self) -> list[int]:
+        """The loader worker counts of the scaling curve, ascending, --workers included."""
+        assert self.worker_counts is not None
+        return sorted({int(w) for w in self.worker_counts.split(",") if w.strip()} | {self.workers})
+
+    def megapixels(self) -> list[float]:
+        """The photo sizes of the colorize cost curve (empty: not measured)."""
+        assert self.colorize_megapixels is not None
+        return [float(mp) for mp in self.colorize_megapixels.split(",") if mp.strip()]
 
     @property
     def log_every(self) -> int:
@@ -93,10 +114,14 @@ def resolve(s: BenchSettings) -> BenchSettings:
     r = dataclasses.replace(
         s, device=device, synthetic=pick(s.synthetic, 2048, 96),
         batch_size=pick(s.batch_size, 256, 8), train_batch_size=pick(s.train_batch_size, 16, 2),
-        batch_sweep=pick(s.batch_sweep, "64,128,256", ""), crop=crop,
+        batch_sweep=pick(s.batch_sweep, "64,128,256", "1,4"), crop=crop,
         load_size=s.load_size if s.load_size is not None else round(crop * 286 / 256),
-        num_downs=pick(s.num_downs, 8, 7), seconds=pick(s.seconds, 20.0, 4.0),
-        warmup=pick(s.warmup, 20, 2), steps=pick(s.steps, 100, 4))
+        num_downs=pick(s.num_downs, 8, 7), seconds=pick(s.seconds, 20.0, 3.0),
+        warmup=pick(s.warmup, 20, 2), steps=pick(s.steps, 100, 8),
+        repeats=pick(s.repeats, 2, 3),
+        worker_counts=s.worker_counts if s.worker_counts is not None else ",".join(
+            str(2 ** i) for i in range(max(1, os.cpu_count() or 1).bit_length())),
+        colorize_megapixels=pick(s.colorize_megapixels, "1,4,16", "0.3,1,4"))
     _validate(r)
     return r
 
@@ -113,6 +138,18 @@ def _validate(s: BenchSettings) -> None:
                          f"commas, e.g. 64,128,256") from None
     if min(batches) < 1:
         raise BenchError(f"--batch-sweep {s.batch_sweep!r}: batch sizes must be at least 1")
+    if s.repeats < 1:
+        raise BenchError(f"--repeats must be at least 1, got {s.repeats}")
+    try:
+        workers, megapixels = s.worker_sweep(), s.megapixels()
+    except ValueError:
+        raise BenchError("--worker-counts and --colorize-megapixels take numbers separated by "
+                         "commas, e.g. 1,2,4 and 0.3,1,4") from None
+    if min(workers) < 1:
+        raise BenchError(f"--worker-counts {s.worker_counts!r}: counts must be at least 1")
+    if any(not (math.isfinite(mp) and 0.01 <= mp <= 100) for mp in megapixels):
+        raise BenchError(f"--colorize-megapixels {s.colorize_megapixels!r}: sizes must be "
+                         f"between 0.01 and 100")
     if not (math.isfinite(s.seconds) and s.seconds > 0) or (s.max_iters is not None and s.max_iters < 1):
         raise BenchError("--seconds must be positive and finite, --max-iters at least 1")
     if not (math.isfinite(s.point_timeout) and s.point_timeout > 0):
