@@ -81,8 +81,8 @@ def test_training_points_run_the_real_loop_end_to_end(results):
         assert p["bottleneck"] in ("input pipeline", "training step")
         assert p["peak_gpu_mem_gib"] is None and p["mfu"] is None  # CPU: no peak to compare with
     for p in train["points"]:  # two interleaved rounds: two runs each, a spread over them
-        assert len(p["runs_images_per_s"]) == 2 and p["images_per_s"] == pytest.approx(
-            sum(p["runs_images_per_s"]) / 2)
+        assert len(p["runs_images_per_s"]) == 2  # the figure is the lower-middle run's
+        assert p["images_per_s"] == min(p["runs_images_per_s"])
         assert p["run_spread"]["min"] <= p["images_per_s"] <= p["run_spread"]["max"]
         assert p["interval_spread"]["min"] <= p["interval_spread"]["max"]
     assert len(train["round_ratios"]) == 2

@@ -181,7 +181,11 @@ def test_non_finite_batch_is_skipped_on_the_device(device, bf16_accelerator):
 
 @pytest.mark.slow  # torch.compile (inductor) of two tiny networks: ~1 min on 2 CPU cores
 @ON_DEVICE
-def test_compiled_step_matches_eager_and_keeps_the_toggle_outside(device, bf16_accelerator):
+def test_compiled_step_matches_eager_and_keeps_the_toggle_outside(device, bf16_accelerator,
+                                                                   tmp_path, monkeypatch):
+    # A cache of its own: inductor's shared /tmp cache is written by every compiling process on
+    # the machine, and a half-written kernel there fails the load ("file too short").
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     # Without dropout: compiled code draws its random numbers differently.
     _, eager = _step(bf16_accelerator, dropout=False)
     nets, compiled = _step(bf16_accelerator, dropout=False, compile=True)

@@ -126,12 +126,12 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One figure from repeated runs: the median run's entry (a real run, not a mean), with every
-    run's images/s and their spread."""
+    """One figure from repeated runs: the median run's entry (a real run, not a mean: the lower
+    middle one of an even count, so all its figures belong together), with every run's images/s
+    and their spread."""
     rates = [r["images_per_s"] for r in runs]
-    middle = runs[rates.index(sorted(rates)[(len(rates) - 1) // 2])]
-    return {**middle, "images_per_s": statistics.median(rates), "runs_images_per_s": rates,
-            "run_spread": spread(rates)}
+    middle = runs[rates.index(statistics.median_low(rates))]
+    return {**middle, "runs_images_per_s": rates, "run_spread": spread(rates)}
 
 
 def _ratios_per_round(runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
