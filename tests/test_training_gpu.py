@@ -58,7 +58,8 @@ def test_bf16_train_sigterm_resume_export_eval_colorize(device, sample_shards, t
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert "notice" not in out and f"training on 1 process(es), {device}" in out
+    assert "train.mixed_precision" not in err  # no fallback warning: bf16 runs as asked
+    assert f"training on 1 process(es), {device}" in out + err
     assert "stopped by signal" in out
     [ckpt] = list_checkpoints(run_dir)
     assert 3 <= int(ckpt.name.split("-")[1]) < 30

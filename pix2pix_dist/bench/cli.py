@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from ..cli import parse
-from ..config import Config
 from ..errors import run_main
-from .colorize_cost import measure_colorize
+from . import colorize_speed
+from .colorize_speed import ColorizeBenchSettings
 from .measure import measure_input_pipelines, measure_training, train_shards
 from .report import environment, format_report, summarize, write_results
 from .settings import BenchSettings, resolve
@@ -50,10 +50,12 @@ def run(s: BenchSettings, command: str) -> dict[str, Any]:
     if s.only in (None, "data"):
         results["data"] = measure_input_pipelines(s, shards, device)
     if s.only in (None, "colorize") and s.megapixels():
-        cfg = Config()
-        cfg.model.num_downs, cfg.model.ngf = s.num_downs, s.ngf
-        cfg.data.crop_size, cfg.data.load_size = s.crop, s.load_size
-        results["colorize"] = measure_colorize(cfg, s.megapixels(), s.device, s.point_timeout)
+        # The loaders' colorize timing (colorize_speed.py): colorize against decode + encode and
+        # its peak RSS, per photo size; one try each here (the curve, not the ratio's minimum).
+        print(f"measuring colorize at {s.colorize_megapixels} MP ...", flush=True)
+        cache = Path(s.cache)
+        results["colorize"] = colorize_speed.run(ColorizeBenchSettings(
+            sizes=s.colorize_megapixels, repeat=1, cache=str(cache.with_name(cache.name + "-colorize"))))
     summarize(results)
     return results
 
