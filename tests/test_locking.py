@@ -50,8 +50,11 @@ import multiprocessing, sys, time
 from pix2pix_dist.locking import FolderLock
 lock = FolderLock(sys.argv[1], "training").acquire()
 # A forked child, as torch's DataLoader workers are: it shares the open file of the lock.
-child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
+fork = multiprocessing.get_context("fork")
+started = fork.Event()  # set by the child's target, i.e. after its fork hooks ran
+child = fork.Process(target=lambda: (started.set(), time.sleep(600)))
 child.start()
+started.wait()
 print(child.pid, flush=True)
 time.sleep(600)
 """
