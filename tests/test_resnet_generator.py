@@ -185,9 +185,10 @@ def test_warmup_trains_g_alone_and_leaves_d_bit_identical(precision, layout):
     accelerator = fresh_accelerator(precision)
     assert accelerator.mixed_precision == precision  # bf16: CPU autocast, as CI can run it
     cfg = build_config(None, overrides=[("model.generator", "resnet18-unet"), ("model.ndf", 8),
-                                        ("data.crop_size", 32), ("data.load_size", 32)])
+                                        ("data.crop_size", 32), ("data.load_size", 32),
+                                        ("train.channels_last", layout == torch.channels_last)])
     torch.manual_seed(0)
-    nets = build_networks(cfg, accelerator, memory_format=layout)
+    nets = build_networks(cfg, accelerator)
     step = GanStep(accelerator, nets, cfg.optim)
     D_before = {k: v.clone() for k, v in nets.D_raw.state_dict().items()}
     G_before = {k: v.clone() for k, v in nets.G_raw.state_dict().items()}
