@@ -23,10 +23,11 @@ NOT_A_FILE = "not_a_file"
 """The skip reason of FIFOs, sockets and devices (never read: a FIFO would block forever)."""
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 """File endings taken as images, by the shard writer and by colorize (case-insensitive)."""
-DEFAULT_MAX_PIXELS = 100_000_000
-"""colorize's default limit: larger images are skipped as `too_large` (a 24 MP photo is well
-inside; a 13000x13000 palette PNG that decodes to 0.5 GB is not). It colorizes one image at a
-time in chunks; the shard writer, with one decoder per core, sets a lower one of its own."""
+DEFAULT_MAX_PIXELS = 70_000_000
+"""colorize's default limit: larger images are skipped as `too_large` (a 56 MP photo is inside;
+a 9990x9990 palette PNG is not). It keeps colorize under 1.5 GB peak with unet_256 (README,
+"Colorizing photos": base ~1.1 GB + 4-5 bytes per pixel). The shard writer, with one decoder
+per core, sets a lower one of its own."""
 _WIDE_GRAY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 

@@ -240,15 +240,23 @@ def test_a_100_mp_palette_png_and_a_56_mp_photo_stay_under_1_5_gb(export, tmp_pa
     palette.save(tmp_path / "palette.png")  # under 1 MB on disk, 100 MP decoded
     del index, palette
     Image.fromarray(skdata.astronaut()).resize((8640, 6480)).save(tmp_path / "photo.jpg", quality=90)
-    for name in ("palette.png", "photo.jpg"):
+    for name in ("palette.png", "photo.jpg"):  # the palette is over the default --max-pixels
         proc = run_python(["-c", PEAK_OF_A_PROCESS, sys.executable, "-m", "pix2pix_dist.colorize",
                            str(tmp_path / name), "--generator", str(export), "--output",
-                           str(tmp_path / "out"), "--format", "jpeg"], timeout=600)
+                           str(tmp_path / "out"), "--format", "jpeg", "--max-pixels", "100000000"],
+                          timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         peak = int(proc.stdout.split("peak-kib")[1].split()[0]) * 1024
         assert peak < 1.5e9, (name, peak / 1e9)
     with pytest.warns(Image.DecompressionBombWarning), Image.open(tmp_path / "out" / "palette.jpg") as out:
         assert out.size == (9990, 9990)
+    # With the default bound (sized for unet_256's larger base), the palette is refused from its
+    # header, one counted line, before anything is decoded.
+    proc = run_python(["-m", "pix2pix_dist.colorize", str(tmp_path / "palette.png"), "--generator",
+                       str(export), "--output", str(tmp_path / "default")], timeout=120)
+    assert "skipped 1 (1 too_large)" in proc.stdout, proc.stdout + proc.stderr
+    assert "100 MP is over --max-pixels 70 MP" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "default" / "palette.png").exists()
 
 
 @pytest.mark.gpu
