@@ -332,7 +332,7 @@ def test_auto_falls_back_to_torch_without_dali(shards, monkeypatch, capsys):
     assert loader(shards, "auto").backend == "torch"
     assert loader(shards, "auto", rank=1, world=2).backend == "torch"
     assert loader(shards, "auto", "val").backend == "torch"
-    assert capsys.readouterr().out.count("DALI is not installed") == 1
+    assert capsys.readouterr().err.count("DALI is not installed") == 1  # warn() writes to stderr
     with pytest.raises(DataError, match="nvidia-dali"):
         loader(shards, "dali")
 
