@@ -20,7 +20,8 @@ from PIL import Image
 
 from conftest import REPO
 from pix2pix_dist.bench import main
-from pix2pix_dist.bench.flops import count_flops, peak_bf16_tflops, step_flops_per_image
+from pix2pix_dist.bench.flops import (count_flops, generator_params, peak_bf16_tflops,
+                                      step_flops_per_image)
 from pix2pix_dist import device_defaults
 from pix2pix_dist.bench.measure import LOADERS, median_run
 from pix2pix_dist.bench.point import PointSpec, point_config, run_point, timed_rows
@@ -63,7 +64,8 @@ def test_results_record_device_versions_command_and_settings(results):
     assert data["settings"]["crop"] == 64 and data["settings"]["ngf"] == 4
     assert data["date"].endswith("Z")
     md = path.with_suffix(".md").read_text()
-    assert "| reference (fp32, NCHW, eager, plain Adam) | 2 |" in md and data["command"] in md
+    assert "| reference (fp32, NCHW, eager, plain Adam) | unet_64 |" in md and data["command"] in md
+    assert "| ours, resnet18-unet | resnet18-unet |" in md
     assert not list(path.parent.glob(".*tmp*"))  # atomic writes leave no temporaries
 
 
@@ -72,7 +74,8 @@ def test_training_points_run_the_real_loop_end_to_end(results):
     data, _ = results
     train = data["train"]
     points = [(p["kind"], p["batch"]) for p in train["points"]]
-    assert points == [("reference", 2), ("ours", 2)]  # the sweep's 2 is the reference's batch
+    # The sweep's 2 is the reference's batch; the resnet18-unet point runs at that batch too.
+    assert points == [("reference", 2), ("ours", 2), ("resnet18-unet", 2)]
     for p in train["points"]:
         assert "error" not in p, p.get("error")
         assert p["timed_steps"] == 2 and p["images"] == 2 * p["batch"]
@@ -80,7 +83,7 @@ def test_training_points_run_the_real_loop_end_to_end(results):
         assert p["step_images_per_s"] >= p["images_per_s"]
         assert p["bottleneck"] in ("input pipeline", "training step")
         assert p["peak_gpu_mem_gib"] is None and p["mfu"] is None  # CPU: no peak to compare with
-    for p in train["points"]:  # two interleaved rounds: two runs each, a spread over them
+    for p in train["points"][:2]:  # two interleaved rounds: two runs each, a spread over them
         assert len(p["runs_images_per_s"]) == 2  # the figure is the lower-middle run's
         assert p["images_per_s"] == min(p["runs_images_per_s"])
         assert p["run_spread"]["min"] <= p["images_per_s"] <= p["run_spread"]["max"]
@@ -89,13 +92,28 @@ def test_training_points_run_the_real_loop_end_to_end(results):
     spread = data["ratio_spreads"]["ours_over_reference_same_batch"]
     assert spread["rounds"] == 2 and spread["min"] <= data["ratios"][
         "ours_over_reference_same_batch"] <= spread["max"]
-    ref, ours = train["points"][0]["train_config"], train["points"][1]["train_config"]
+    assert len(train["points"][2]["runs_images_per_s"]) == 1  # the resnet point runs once
+    ref, ours, resnet = (p["train_config"] for p in train["points"])
+    assert {k: resnet[k] for k in SPEED_KEYS} == {k: ours[k] for k in SPEED_KEYS}
     assert (ref["mixed_precision"], ref["channels_last"], ref["fused_adam"]) == ("no", False, False)
     # Ours is exactly what train.py runs on this device: the same resolution of `auto`.
     trains = dataclasses.asdict(device_defaults.resolve(Config(), "cpu").train)
     assert {k: ours[k] for k in SPEED_KEYS} == {k: trains[k] for k in SPEED_KEYS}
     # The FLOPs are the hand-derived count of these networks (see test_step_flops_...).
     assert train["flops_per_image"] == hand_step_flops(64, num_downs=6, ngf=4, ndf=4)
+    assert [p["flops_per_image"] for p in train["points"][:2]] == [train["flops_per_image"]] * 2
+    unet_params = train["points"][1]["generator_params"]
+    assert train["points"][0]["generator_params"] == unet_params
+    # The resnet point: its own step, counted the same way, and its own generator.
+    resnet_cfg = Config()
+    resnet_cfg.model.generator, resnet_cfg.model.encoder_weights = "resnet18-unet", "none"
+    resnet_cfg.model.ndf = 4
+    resnet_point = train["points"][2]
+    assert resnet_point["flops_per_image"] == step_flops_per_image(
+        resnet_cfg, Accelerator(cpu=True), 64)
+    assert resnet_point["generator_params"] == generator_params(resnet_cfg) > 10 * unet_params
+    assert resnet_point["tflop_per_s"] == pytest.approx(
+        resnet_point["images_per_s"] * resnet_point["flops_per_image"] / 1e12)
     assert data["highlights"] == {"reference": 2, "ours_same_batch": 2, "ours_best": 2}
 
 
@@ -297,7 +315,8 @@ def test_gpu_points_report_memory_and_mfu(tmp_path):
     data = json.loads(path.read_text())
     assert data["environment"]["driver"] and data["environment"]["versions"]["cudnn"]
     points = data["train"]["points"]
-    assert [(p["kind"], p["batch"]) for p in points] == [("reference", 8), ("ours", 8), ("ours", 32)]
+    assert [(p["kind"], p["batch"]) for p in points] == [("reference", 8), ("ours", 8), ("ours", 32),
+                                                      ("resnet18-unet", 8)]
     for p in points:
         assert "error" not in p, p.get("error")
         assert p["peak_gpu_mem_gib"] > 0

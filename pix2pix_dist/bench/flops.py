@@ -44,6 +44,14 @@ def count_flops(fn, *args, **kwargs) -> int:
     return counter.get_total_flops()
 
 
+def generator_params(cfg: Config) -> int:
+    """Parameters of the generator `cfg` describes (built fresh, as training builds it)."""
+    from ..generators import build_generator, generator_args
+    from ..models import count_parameters
+
+    return count_parameters(build_generator(generator_args(cfg.model)))
+
+
 def step_flops_per_image(cfg: Config, accelerator, crop: int, batch: int = 2) -> float:
     """FLOPs per image of one training iteration (D step + G step) of the networks `cfg`
     describes, counted eagerly on `batch` images of `crop` x `crop` (torch.compile, precision and

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import BenchError
-from .flops import peak_bf16_tflops, step_flops_per_image
+from .flops import generator_params, peak_bf16_tflops, step_flops_per_image
 from .point import PointSpec, point_config, run_point
 from .settings import BenchSettings
 from .tutorial_loader import tutorial_batches
@@ -181,23 +181,34 @@ def measure_training(s: BenchSettings, shards: Path, device: torch.device,
                      device_name: str) -> dict[str, Any]:
     """The reference step and ours at the same batch, in `s.repeats` interleaved rounds (so a
     load change on a busy machine hits both), then ours over the rest of the batch sweep; FLOPs
-    per image counted on our real step; achieved TFLOP/s and MFU against the device's bf16 peak."""
+    per image counted on our real step; achieved TFLOP/s and MFU against the device's bf16 peak.
+    With `s.resnet`, ours with the resnet18-unet generator once more at the reference's batch
+    (its own FLOPs and parameter count)."""
     from accelerate import Accelerator
 
     base = PointSpec(kind="ours", batch=s.train_batch_size, shards=str(shards), crop=s.crop,
                      load_size=s.load_size, num_downs=s.num_downs, ngf=s.ngf, ndf=s.ndf,
                      workers=s.workers, warmup=s.warmup, steps=s.steps, log_every=s.log_every,
                      compile=s.compile, seed=s.seed, run_dir="")
-    print("counting FLOPs of one training step ...", flush=True)
-    flops = step_flops_per_image(point_config(base, device.type),
-                                 Accelerator(cpu=device.type != "cuda"), s.crop)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    peak = peak_bf16_tflops(device_name) if device.type == "cuda" else None
     reference = dataclasses.replace(base, kind="reference")
+    resnet = [dataclasses.replace(base, kind="resnet18-unet")] if s.resnet else []
+    # FLOPs and generator parameters per kind of network (the reference runs ours' networks).
+    cost: dict[str, dict[str, float]] = {}
+    for spec in [base, *resnet]:
+        print(f"counting FLOPs of one training step ({spec.kind}) ...", flush=True)
+        cfg = point_config(spec, device.type)
+        cost[spec.kind] = {"flops_per_image": step_flops_per_image(
+            cfg, Accelerator(cpu=device.type != "cuda"), s.crop),
+            "generator_params": generator_params(cfg)}
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    cost["reference"] = cost["ours"]
+    flops = cost["ours"]["flops_per_image"]
+    peak = peak_bf16_tflops(device_name) if device.type == "cuda" else None
     rounds = [(reference, base)] * s.repeats + [
-        (dataclasses.replace(base, batch=b),) for b in s.sweep() if b != base.batch]
+        (dataclasses.replace(base, batch=b),) for b in s.sweep() if b != base.batch] + [
+        (spec,) for spec in resnet]
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     errors: dict[tuple[str, int], str] = {}
     for i, specs in enumerate(rounds):
@@ -215,15 +226,16 @@ def measure_training(s: BenchSettings, shards: Path, device: torch.device,
                 print(f"  {result['images_per_s']:.2f} img/s", flush=True)
                 runs.setdefault(key, []).append(result)
     points = []
-    for key in dict.fromkeys([(reference.kind, reference.batch), *((base.kind, b) for b in s.sweep())]):
-        entry: dict[str, Any] = {"kind": key[0], "batch": key[1]}
+    for key in dict.fromkeys([(reference.kind, reference.batch), *((base.kind, b) for b in s.sweep()),
+                              *((spec.kind, spec.batch) for spec in resnet)]):
+        entry: dict[str, Any] = {"kind": key[0], "batch": key[1], **cost[key[0]]}
         if key in errors:
             entry["error"] = errors[key]
         else:
             entry.update(median_run(runs[key]))
             entry["interval_spread"] = spread([x for run in runs[key]
                                                for x in run["interval_images_per_s"]])
-            entry["tflop_per_s"] = entry["images_per_s"] * flops / 1e12
+            entry["tflop_per_s"] = entry["images_per_s"] * entry["flops_per_image"] / 1e12
             entry["mfu"] = entry["tflop_per_s"] / peak if peak else None
             entry["bottleneck"] = ("input pipeline" if entry["data_wait_frac"] > INPUT_BOUND_WAIT
                                    else "training step")

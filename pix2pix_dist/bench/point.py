@@ -30,7 +30,9 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass
 class PointSpec:
-    kind: Literal["reference", "ours"]
+    kind: Literal["reference", "ours", "resnet18-unet"]
+    """`resnet18-unet`: ours (the same settings) with model.generator=resnet18-unet, fresh encoder
+    weights (model.encoder_weights=none: never a download)."""
     batch: int
     shards: str
     crop: int
@@ -58,6 +60,8 @@ def point_config(spec: PointSpec, device_type: str) -> Config:
     d.shards, d.batch_size, d.num_threads = spec.shards, spec.batch, spec.workers
     d.crop_size, d.load_size = spec.crop, spec.load_size
     cfg.model.num_downs, cfg.model.ngf, cfg.model.ndf = spec.num_downs, spec.ngf, spec.ndf
+    if spec.kind == "resnet18-unet":
+        cfg.model.generator, cfg.model.encoder_weights = spec.kind, "none"
     total = spec.warmup + spec.steps
     t.steps, t.seed = total, spec.seed
     cfg.optim.decay_fraction = 0.0  # constant lr: the schedule is not what is measured

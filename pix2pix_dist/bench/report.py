@@ -171,6 +171,10 @@ def _spread(entry: dict[str, Any], key: str, spec: str = ",.1f") -> str:
     return "-" if not sp else f"{format(sp['min'], spec)}-{format(sp['max'], spec)}"
 
 
+POINT_NAMES = {"reference": ("reference (fp32, NCHW, eager, plain Adam)", None),
+               "ours": ("ours", None), "resnet18-unet": ("ours, resnet18-unet", "resnet18-unet")}
+"""Each point kind's row name and generator (None: the pix2pix U-Net of --num-downs)."""
+
 SPEED_KEYS = ("mixed_precision", "channels_last", "fused_adam", "compile", "sync_every", "d_concat")
 
 
@@ -215,24 +219,30 @@ def format_report(results: dict[str, Any]) -> str:
         peak = train["peak_bf16_tflops"]
         lines += [f"## Training, end to end: shards -> loader -> the training loop "
                   f"(crop {st['crop']}, num_downs {st['num_downs']}, ngf {st['ngf']}, ndf {st['ndf']})", "",
-                  "| step | batch | img/s (median) | runs min-max | intervals min-max | "
-                  "step-only img/s | data wait | bottleneck | TFLOP/s | MFU | peak GPU GiB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+                  "| step | generator | G params (M) | GFLOP/image | batch | img/s (median) | "
+                  "runs min-max | intervals min-max | step-only img/s | data wait | bottleneck | "
+                  "TFLOP/s | MFU | peak GPU GiB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+        unet = f"unet_{2 ** st['num_downs']}"
         for p in train["points"]:
-            name = "reference (fp32, NCHW, eager, plain Adam)" if p["kind"] == "reference" else "ours"
+            name, generator = POINT_NAMES.get(p["kind"], (p["kind"], p["kind"]))
+            # Results written before points carried their own cost: the U-Net's, for the run.
+            params, flops = p.get("generator_params"), p.get("flops_per_image", train["flops_per_image"])
+            head = (f"| {name} | {generator or unet} | {_fmt(params and params / 1e6, ',.2f')} | "
+                    f"{flops / 1e9:.2f} | {p['batch']}")
             if "error" in p:
-                lines.append(f"| {name} | {p['batch']} | skipped: {p['error']} | | | | | | | | |")
+                lines.append(f"{head} | skipped: {p['error']} | | | | | | | | |")
                 continue
             mfu = "-" if p["mfu"] is None else f"{100 * p['mfu']:.1f}%"
             lines.append(
-                f"| {name} | {p['batch']} | {_fmt(p['images_per_s'], ',.2f')} | "
+                f"{head} | {_fmt(p['images_per_s'], ',.2f')} | "
                 f"{_spread(p, 'run_spread', ',.2f')} ({len(p['runs_images_per_s'])}) | "
                 f"{_spread(p, 'interval_spread', ',.2f')} | "
                 f"{_fmt(p['step_images_per_s'], ',.2f')} | {100 * p['data_wait_frac']:.1f}% | "
                 f"{p['bottleneck']} | {_fmt(p['tflop_per_s'], '.3g')} | {mfu} | "
                 f"{_fmt(p['peak_gpu_mem_gib'], '.2f')} |")
-        lines += ["", f"FLOPs per image, counted by FlopCounterMode on the real step: "
-                      f"{gflop:.2f} GFLOP. MFU against the dense bf16 peak of "
+        lines += ["", f"FLOPs per image (D step + G step), counted by FlopCounterMode on the "
+                      f"real step: {gflop:.2f} GFLOP for {unet}. MFU against the dense bf16 peak of "
                       f"{'%g TFLOP/s (%s)' % (peak, train['peak_source']) if peak else 'an unknown device'}"
                       f". Every run times {st['steps']} steps (intervals of {math.gcd(st['warmup'], st['steps'])}) "
                       f"after {st['warmup']} warm-up steps; the reference and ours at batch "

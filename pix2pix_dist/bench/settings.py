@@ -68,6 +68,9 @@ class BenchSettings:
     cost curve (`colorize`)."""
     compile: bool = False
     """Our step under torch.compile (the reference always runs eager)."""
+    resnet: bool = True
+    """Also train ours with the resnet18-unet generator (fresh encoder weights) at
+    --train-batch-size, once: its img/s, FLOPs and parameters beside the U-Net's."""
     point_timeout: float = 1800.0
     """Seconds one training point may take (start-up and compilation included)."""
     output: str = "benchmarks/results"
