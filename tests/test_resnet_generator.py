@@ -215,7 +215,7 @@ def test_warmup_trains_g_alone_and_leaves_d_bit_identical(precision, layout):
 def test_compiled_steps_match_eager(tmp_path, monkeypatch):
     """train.compile=true with model.generator=resnet18-unet: the GAN step and the L1 warm-up
     step, compiled on this device (CPU in CI), match eager from the same weights and batch
-    (~160 s on 2 busy CPU cores)."""
+    (93-158 s on 2 shared CPU cores)."""
     # A cache of its own: inductor's shared /tmp cache is written by every compiling process on
     # the machine, and a half-written kernel there fails the load ("file too short").
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
