@@ -121,13 +121,10 @@ def run_point(spec: PointSpec, timeout: float) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     """The child: train the spec's run, then write its timed measurements."""
-    import torch
-
     from ..train_loop import train
 
     spec = PointSpec(**json.loads(Path(argv[0]).read_text()))
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = point_config(spec, device_type)
+    cfg = point_config(spec, device_defaults.device_type())
     train(cfg.validate())
     stats = (Path(cfg.run_dir) / "stats.jsonl").read_text().splitlines()
     bf16 = cfg.train.mixed_precision == "bf16"

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 from ..cli import Maybe
+from ..device_defaults import device_type
 from ..errors import BenchError
 
 
@@ -105,7 +106,7 @@ def resolve(s: BenchSettings) -> BenchSettings:
     """`s` with the device-dependent defaults filled in and every range checked (BenchError)."""
     device = s.device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = device_type()
     elif device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no CUDA device is available")
     gpu = device == "cuda"
