@@ -84,12 +84,6 @@ def sample_entry(members: list[tarfile.TarInfo]) -> list[str]:
     return [component(split_name(m.name)[1], m.offset_data, m.size, m.name) for m in members]
 
 
-def index_from_tar(path: Path) -> bytes:
-    """Recompute a tar's index by reading its headers only (what `wds2idx` does)."""
-    with open_regular(path) as f, tarfile.open(fileobj=f, mode="r:") as tf:
-        return render_index([sample_entry(ms) for _, ms in group_samples(tf)])
-
-
 def index_sample_count(index: Path) -> int | None:
     """The sample count in an index's header line, None when it is no DALI index."""
     with open_regular(index) as f:

@@ -59,7 +59,7 @@ def _verify_shard(out: Path, rec: dict[str, Any]) -> tuple[list[str], list[str]]
     index: list[list[str]] = []
     try:
         # One pass over the tar: rebuild its index from the headers (the same grouping as
-        # `index_from_tar`) and check each sample as it comes, so memory stays at one sample.
+        # wds2idx) and check each sample as it comes, so memory stays at one sample.
         with open_regular(tar) as f, tarfile.open(fileobj=f, mode="r:") as tf:
             for key, members in group_samples(_reported_others(tf, name, problems)):
                 keys.append(key)

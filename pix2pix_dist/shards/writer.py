@@ -19,15 +19,11 @@ from ..shard_format import component, index_name, render_index
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # GNU tar and Python's tarfile pad archives to 10 KiB records
-FIXED_MTIME = 0
 
 
 def _header(name: str, size: int) -> bytes:
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode = size, FIXED_MTIME, 0o644
-    ti.uid = ti.gid = 0
-    ti.uname = ti.gname = ""
-    ti.type = tarfile.REGTYPE
+    ti = tarfile.TarInfo(name)  # its defaults: mtime 0, mode 0o644, uid/gid 0, no owner names, a file
+    ti.size = size
     # ustar only: keys are short ASCII, so no PAX/GNU extension headers that would shift offsets.
     return ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
