@@ -32,13 +32,10 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:  # includes Ctrl-C: leave no half-written .tmp behind
         tmp.unlink(missing_ok=True)
-        if exc.filename is not None:
-            raise
-        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
-    except BaseException:  # includes Ctrl-C: leave no half-written .tmp behind
-        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
         raise
     fsync_dir(path.parent)
 
