@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..config import DataConfig
@@ -123,16 +123,6 @@ class _Batches(Dataset):
         return uint8_to_lab(rgb), names, bad, ""
 
 
-class _Endless(Sampler):
-    """(epoch, k) for k < count, epoch after epoch from `epoch`: the workers' requests."""
-
-    def __init__(self, epoch: int, count: int) -> None:
-        self.epoch, self.count = epoch, count
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((e, k) for e in itertools.count(self.epoch) for k in range(self.count))
-
-
 def sample_rng(seed: int, epoch: int, rank: int, key: str) -> random.Random:
     """Augmentation randomness of one sample in one epoch (validation draws nothing from it)."""
     return random.Random(derive_seed(seed, epoch, rank, zlib.crc32(key.encode())))
@@ -153,15 +143,14 @@ class TorchBatches:
                  rank: int, world_size: int, device: torch.device, seed: int) -> None:
         self.shards, self.cfg, self.rank, self.device, self.seed = shards, cfg, rank, device, seed
         self.batch_size = batch_size
-        augment = Augment(cfg.crop_size, cfg.load_size, train, cfg.flip,
-                          cfg.random_resized_crop, cfg.rrc_min_scale, cfg.resize)
+        self.augment = Augment(cfg.crop_size, cfg.load_size, train, cfg.flip,
+                               cfg.random_resized_crop, cfg.rrc_min_scale, cfg.resize)
         self.gpu_decode = device.type == "cuda"
-        self.augment = augment
         try:
             located = locate_samples(shards, *rank_range(shards.total, world_size, rank))
         except DamagedShard as exc:
             raise self._damaged(exc) from None
-        self.samples = _Samples(located, augment, decode_here=not self.gpu_decode, seed=seed, rank=rank)
+        self.samples = _Samples(located, self.augment, decode_here=not self.gpu_decode, seed=seed, rank=rank)
         self.skipped = 0
         self._stream: Iterator | None = None
         self._next: tuple[int, int, int] | None = None  # (epoch, batch, count) the stream gives next
@@ -201,8 +190,10 @@ class TorchBatches:
         # A generator of its own: by default a DataLoader iterator draws its workers' base seed
         # from the global torch RNG, which a resumed run restores mid-epoch, so that draw would
         # shift G's dropout noise (our randomness comes from derive_seed, not from that seed).
+        # The workers' requests: (epoch, k) for k < count, epoch after epoch from `epoch`.
+        requests = ((e, k) for e in itertools.count(epoch) for k in range(count))
         loader = DataLoader(_Batches(self.samples, self.batch_size), batch_size=None,
-                            sampler=_Endless(epoch, count), num_workers=workers, collate_fn=_as_is,
+                            sampler=requests, num_workers=workers, collate_fn=_as_is,
                             prefetch_factor=max(2, self.cfg.prefetch), worker_init_fn=_worker_init,
                             pin_memory=self.gpu_decode, generator=torch.Generator().manual_seed(self.seed))
         self._stream = iter(loader)
