@@ -40,7 +40,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         mean = sums[:channels] / total
         var = (sums[channels:2 * channels] / total - mean.square()).clamp_min(0)  # biased
         if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), total)
+            # As nn.BatchNorm2d: momentum (or a cumulative average when it is None) and the
+            # unbiased variance of the whole batch (total >= 2: one image on each of >= 2 processes).
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_((var * (total / (total - 1))).to(self.running_var.dtype), factor)
         invstd = torch.rsqrt(var + self.eps)
         scale, shift = invstd, -mean * invstd
         if self.affine:
@@ -48,17 +54,6 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         shape = (1, channels, 1, 1)
         y = xf * scale.to(xf.dtype).view(shape) + shift.to(xf.dtype).view(shape)
         return y.to(x.dtype)
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor,
-                              total: torch.Tensor) -> None:
-        # As nn.BatchNorm2d: momentum (or a cumulative average when it is None) and the unbiased
-        # variance of the whole batch.
-        self.num_batches_tracked.add_(1)
-        factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
-        unbiased = var * (total / (total - 1))  # total >= 2: one image on each of >= 2 processes
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
 
 def convert_to_global_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
