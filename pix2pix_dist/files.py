@@ -38,8 +38,6 @@ def open_fd(path: str | os.PathLike, flags: int = os.O_RDONLY, mode: int = 0o644
 
 def open_regular(path: str | os.PathLike, mode: str = "rb", **kwargs: Any) -> IO[Any]:
     """`open(path, mode)` for reading ("rb" or "r"), of a regular file only."""
-    if mode not in ("r", "rb"):
-        raise ValueError(f"open_regular reads only, not mode {mode!r}")
     return open(open_fd(path), mode, **kwargs)
 
 

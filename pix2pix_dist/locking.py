@@ -107,7 +107,4 @@ def _read_holder(fd: int) -> dict | None:
         info = json.loads(os.pread(fd, 4096, 0).decode())
     except (OSError, ValueError):
         return None
-    if not (isinstance(info, dict) and {"what", "pid", "host", "since", "command"} <= info.keys()):
-        return None
-    return info
-
+    return info if isinstance(info, dict) and {"what", "pid", "host", "since", "command"} <= info.keys() else None
