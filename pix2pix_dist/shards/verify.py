@@ -113,17 +113,13 @@ def _verify_all(out: Path, records: list[dict[str, Any]], workers: int
         return [verify(rec) for rec in records]
     pool = WorkerPool(verify, workers)
     try:
-        results = list(pool.map(records))
+        return list(pool.map(records))
     except WorkerDied as e:
-        pool.close(terminate=True)
         what = e.job["tar"] if e.job else "the shards"
         raise ShardError(f"a worker process died (out of memory?) while verifying {what}; "
                          f"run again, or with --workers 1") from None
-    except BaseException:
-        pool.close(terminate=True)
-        raise
-    pool.close()
-    return results
+    finally:
+        pool.close(terminate=True)  # every result was read, or we failed: nothing to wait for
 
 
 def verify_shards(output: Path, workers: int | None = None) -> list[str]:
