@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UserError
+from .imageio import first_line
 from .ranks import agree
 
 ENCODERS = {"resnet18-unet": "resnet18", "resnet34-unet": "resnet34"}
@@ -159,8 +160,7 @@ def file_state(path: str) -> dict[str, Tensor]:
     try:
         state: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for files that are not checkpoints
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EncoderWeightsError(f"model.encoder_weights={path}: cannot load it ({first})") from None
+        raise EncoderWeightsError(f"model.encoder_weights={path}: cannot load it ({first_line(exc)})") from None
     if not isinstance(state, dict):
         raise EncoderWeightsError(f"model.encoder_weights={path} holds a {type(state).__name__}, "
                                   f"not a state_dict")
@@ -177,8 +177,7 @@ def load_encoder_weights(generator: nn.Module, weights: str, accelerator) -> Non
     with accelerator.main_process_first():
         try:
             state = imagenet_state(generator.generator) if weights == "imagenet" else file_state(weights)
-            with torch.no_grad():
-                generator.load_encoder(state, "imagenet weights" if weights == "imagenet" else weights)
+            generator.load_encoder(state, "imagenet weights" if weights == "imagenet" else weights)
         except EncoderWeightsError as exc:
             error = str(exc)
     agree(error, EncoderWeightsError)
