@@ -73,9 +73,8 @@ class UNetGenerator(nn.Module):
         block = UNetBlock(ngf * 8, ngf * 8, norm=norm)  # innermost (1x1 at unet_256)
         for _ in range(num_downs - 5):  # the 512-channel middle levels, with dropout
             block = UNetBlock(ngf * 8, ngf * 8, inner_block=block, norm=norm, dropout=dropout)
-        block = UNetBlock(ngf * 4, ngf * 8, inner_block=block, norm=norm)
-        block = UNetBlock(ngf * 2, ngf * 4, inner_block=block, norm=norm)
-        block = UNetBlock(ngf, ngf * 2, inner_block=block, norm=norm)
+        for mult in (4, 2, 1):  # the ngf*4, ngf*2, ngf levels, without dropout
+            block = UNetBlock(ngf * mult, ngf * mult * 2, inner_block=block, norm=norm)
         self.model = UNetBlock(out_channels, ngf, in_channels=in_channels, inner_block=block,
                                outermost=True, norm=norm)
 
