@@ -48,11 +48,6 @@ in use by another writer, 130 interrupted.
 """
 
 
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    # `kill` gets the same clean stop as Ctrl-C: unfinished tars removed, complete ones kept.
-    raise KeyboardInterrupt
-
-
 def _summary(manifest: dict[str, Any], seconds: float) -> str:
     """The few lines printed at the end of a run."""
     lines = []
@@ -98,7 +93,9 @@ def _verify(out: Path, workers: int | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # `kill` gets the same clean stop as Ctrl-C (KeyboardInterrupt): unfinished tars removed,
+    # complete ones kept.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     return run_main(lambda: _run(sys.argv[1:] if argv is None else argv),
                     interrupted="interrupted: complete shards are kept; run the same command "
                                 "again to resume")

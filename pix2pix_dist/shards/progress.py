@@ -8,11 +8,10 @@ import time
 
 class Progress:
     """`update(done, skipped)` with absolute counts. Non-TTY output (CI logs, nohup, SLURM files)
-    gets one short line every `every` seconds instead of a carriage-return bar per update."""
+    gets one short line every 30 seconds instead of a carriage-return bar per update."""
 
-    def __init__(self, enabled: bool, total: int | None, initial: int, unit: str, desc: str,
-                 every: float = 30.0):
-        self.enabled, self.total, self.unit, self.desc, self.every = enabled, total, unit, desc, every
+    def __init__(self, enabled: bool, total: int | None, initial: int, unit: str, desc: str):
+        self.enabled, self.total, self.unit, self.desc = enabled, total, unit, desc
         self.bar = None
         self.done = self.start = initial
         self.t0 = self.last = time.perf_counter()
@@ -31,7 +30,7 @@ class Progress:
                 self.bar.set_postfix(skipped=skipped, refresh=False)
         else:
             now = time.perf_counter()
-            if now - self.last >= self.every:
+            if now - self.last >= 30.0:
                 rate = (done - self.start) / max(now - self.t0, 1e-9)
                 total = f"/{self.total}" if self.total else ""
                 print(f"{self.desc}: {done}{total} {self.unit}, {rate:.0f} {self.unit}/s, {skipped} skipped",
