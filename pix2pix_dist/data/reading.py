@@ -23,14 +23,6 @@ from .geometry import decode
 from .shards_index import Shard, ShardSet
 
 
-@dataclass(frozen=True)
-class Segment:
-    tar: Path
-    start: int
-    stop: int
-    """Sample numbers [start, stop) inside the tar."""
-
-
 class DamagedShard(DataError):
     """A tar that cannot be read to its end (truncated, overwritten): no sample can be trusted."""
 
@@ -40,15 +32,15 @@ class DamagedShard(DataError):
         super().__init__(f"{tar.name} is damaged ({reason})")
 
 
-def split_segments(shards: ShardSet, start: int, stop: int) -> list[Segment]:
-    """Split positions [start, stop) of the concatenated split into per-tar pieces."""
-    out, offset = [], 0
+def split_segments(shards: ShardSet, start: int, stop: int) -> Iterator[tuple[Shard, int, int]]:
+    """Split positions [start, stop) of the concatenated split into per-tar pieces: (shard,
+    first, end), sample numbers [first, end) inside its tar."""
+    offset = 0
     for shard in shards.shards:
         lo, hi = max(start, offset), min(stop, offset + shard.samples)
         if lo < hi:
-            out.append(Segment(shard.tar, lo - offset, hi - offset))
+            yield shard, lo - offset, hi - offset
         offset += shard.samples
-    return out
 
 
 @dataclass(frozen=True)
@@ -69,13 +61,12 @@ class Located:
 def locate_samples(shards: ShardSet, start: int, stop: int) -> list[Located]:
     """Positions [start, stop) of the split as Located samples, from each tar's index file (or
     its headers when it has none); DamagedShard when a tar is shorter than its index says."""
-    by_tar = {shard.tar: shard for shard in shards.shards}
     out: list[Located] = []
-    for seg in split_segments(shards, start, stop):
-        entries = _jpg_entries(by_tar[seg.tar])
-        if len(entries) < seg.stop:
-            raise DamagedShard(seg.tar, OSError(f"{len(entries)} samples, {seg.stop} expected"))
-        out += entries[seg.start:seg.stop]
+    for shard, first, end in split_segments(shards, start, stop):
+        entries = _jpg_entries(shard)
+        if len(entries) < end:
+            raise DamagedShard(shard.tar, OSError(f"{len(entries)} samples, {end} expected"))
+        out += entries[first:end]
     return out
 
 
@@ -107,13 +98,13 @@ def read_range(shards: ShardSet, start: int, stop: int) -> Iterator[tuple[str, s
     """(shard file name, key, jpg bytes or None when the sample has no .jpg) for positions
     [start, stop) of the split, in order; raises DamagedShard for a tar that cannot be read
     (evaluate reads val this way)."""
-    for seg in split_segments(shards, start, stop):
-        samples = tariterators.tarfile_samples([{"url": str(seg.tar)}])
+    for shard, first, end in split_segments(shards, start, stop):
+        samples = tariterators.tarfile_samples([{"url": str(shard.tar)}])
         try:
-            for sample in itertools.islice(samples, seg.start, seg.stop):
-                yield seg.tar.name, sample["__key__"], sample.get("jpg")
+            for sample in itertools.islice(samples, first, end):
+                yield shard.tar.name, sample["__key__"], sample.get("jpg")
         except (tarfile.TarError, OSError) as exc:
-            raise DamagedShard(seg.tar, exc) from None
+            raise DamagedShard(shard.tar, exc) from None
 
 
 def find_undecodable(shards: ShardSet, start: int, stop: int) -> str | None:
