@@ -25,6 +25,8 @@ Corrupt JPEGs. DALI's decoder raises a "Critical error in pipeline" without nami
 and the pipeline is unusable afterwards; we turn that into a DataError after finding the first
 undecodable sample of this rank's part with a CPU scan (slow on big splits, but only on the
 error path). The shard writer drops undecodable images, so this means damaged shards.
+nvImageCodec also prints its own coloured `[ERROR] [jpeg_parser] ...` line for such a sample;
+decoder_log_filter.py keeps it off stderr, so the user sees our one line.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from ..config import DataConfig
 from ..errors import DataError
 from ..shard_format import split_name
+from . import decoder_log_filter
 from .sampling import derive_seed, rank_range
 from .shards_index import ShardSet
 from .reading import find_undecodable
@@ -140,6 +143,7 @@ class DaliBatches:
 
     def _start(self, epoch: int, with_keys: bool) -> None:
         self._iter = None  # release the previous pipeline before building another
+        decoder_log_filter.install()  # before DALI decodes anything
         pipe = build_pipeline(self.shards, self.cfg, batch_size=self.batch_size, train=self.train,
                               rank=self.rank,
                               world_size=self.world_size, device_id=self.device_id,
