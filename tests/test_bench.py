@@ -5,14 +5,21 @@ No timing thresholds here: speed targets live in the benchmark itself (PASS/FAIL
 
 from __future__ import annotations
 
+import _thread
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import os
 import shlex
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from accelerate import Accelerator
@@ -23,8 +30,9 @@ from pix2pix_dist.bench import main
 from pix2pix_dist.bench.flops import (count_flops, generator_params, peak_bf16_tflops,
                                       step_flops_per_image)
 from pix2pix_dist import device_defaults
-from pix2pix_dist.bench.measure import LOADERS, median_run
-from pix2pix_dist.bench.point import PointSpec, point_config, run_point, timed_rows
+from pix2pix_dist.bench.measure import LOADERS, median_run, training_rounds
+from pix2pix_dist.bench.point import (PointSpec, error_line, point_config, run_launch, run_point,
+                                      timed_rows)
 from pix2pix_dist.bench.report import SPEED_KEYS, summarize, write_results
 from pix2pix_dist.bench.settings import BenchSettings, resolve
 from pix2pix_dist.bench.synthetic import ensure_synthetic_shards, make_synthetic_jpegs
@@ -38,17 +46,39 @@ TINY = ["--device", "cpu", "--synthetic", "16", "--batch-size", "4", "--train-ba
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> tuple[dict, Path]:
+def synthetic_cache(tmp_path_factory) -> Path:
+    """The folder of TINY's synthetic shards, shared by this module's benchmark runs."""
+    return tmp_path_factory.mktemp("bench-cache") / "cache"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, synthetic_cache) -> tuple[dict, Path]:
     """One tiny full run: synthetic shards, two training points in two rounds, three loaders at
     1 and 2 workers, colorize at two sizes."""
     root = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # the point processes: no thread contention on 2 cores
-        rc = main(TINY + ["--cache", str(root / "cache"), "--output", str(root / "out")])
+        rc = main(TINY + ["--cache", str(synthetic_cache), "--output", str(root / "out")])
     assert rc == 0
     files = sorted((root / "out").glob("*.json"))
     assert len(files) == 1
     return json.loads(files[0].read_text()), files[0]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory, synthetic_cache) -> tuple[dict, Path]:
+    """The training table alone on 2 gloo processes per point, one round: the reference and ours
+    with both norms at TINY's sizes; a second sweep batch whose global batch (2 x 9) exceeds
+    the 16 images, so that point fails on both ranks."""
+    root = tmp_path_factory.mktemp("bench2")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("OMP_NUM_THREADS", raising=False)  # the bench's own default: 1 per process
+        rc = main(TINY + ["--only", "train", "--processes", "2", "--repeats", "1", "--no-resnet",
+                          "--workers", "1", "--batch-sweep", "9", "--cache", str(synthetic_cache),
+                          "--output", str(root / "out")])
+    assert rc == 0
+    [path] = (root / "out").glob("*.json")
+    return json.loads(path.read_text()), path
 
 
 @pytest.mark.slow  # the end-to-end benchmark run (point processes)
@@ -143,6 +173,108 @@ def test_colorize_cost_is_measured_per_photo_size(results):
     assert "## Colorize cost against photo size" in path.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow  # the benchmark's training points, 2 gloo processes each
+def test_two_processes_put_both_batchnorm_modes_in_the_training_table(two_process_results):
+    data, path = two_process_results
+    train = data["train"]
+    assert train["processes"] == 2
+    points = [(p["kind"], p["batch"], p["norm"]) for p in train["points"]]
+    assert points == [("reference", 2, "batch_local"), ("ours", 2, "batch"),
+                      ("ours", 2, "batch_local"), ("ours", 9, "batch")]
+    ref, glob, local, failed = train["points"]
+    layers = sum(ref["norm_layers"].values())
+    for p in (ref, glob, local):
+        assert "error" not in p, p["error"]
+        # What the children ran, as they recorded it: 2 processes, 1 compute thread each, all
+        # processes' images counted (2 timed steps x 2 per process x 2 processes).
+        assert p["world_size"] == 2 and p["threads_per_process"] == 1
+        assert p["images_per_s"] > 0 and p["images"] == 2 * 2 * 2
+    # The two modes are different runs: statistics over both processes (our gloo layer), or
+    # plain BatchNorm on each; the reference keeps plain BatchNorm per process.
+    assert glob["norm_layers"] == {"GlobalBatchNorm2d": layers} and layers > 5
+    assert local["norm_layers"] == ref["norm_layers"] == {"BatchNorm2d": layers}
+    # The failed point: one line naming the cause, and the run went on to the end.
+    assert "\n" not in failed["error"] and "fewer than one global batch of 18" in failed["error"]
+    ratio = data["ratios"]["batch_over_batch_local"]
+    assert ratio == pytest.approx(glob["images_per_s"] / local["images_per_s"])
+    assert data["ratio_spreads"]["batch_over_batch_local"]["rounds"] == 1
+    md = path.with_suffix(".md").read_text()
+    assert f"- batch_over_batch_local: **{ratio:.2f}x**" in md
+    assert "| ours, model.norm=batch (cross-process statistics) | unet_64 |" in md
+    assert "| ours, model.norm=batch_local (per-process statistics) | unet_64 |" in md
+    assert ("| ours, model.norm=batch (cross-process statistics) | unet_64 | 0.11 | 0.02 | 9 | "
+            "skipped: ") in md
+    assert "on 2 processes each (batch per process; img/s of all processes)" in md
+    assert "the reference keeps plain BatchNorm per process" in md
+
+
+def test_more_processes_add_batch_local_to_each_interleaved_round():
+    s = resolve(BenchSettings(device="cpu", train_batch_size=2, batch_sweep="4", repeats=2,
+                              processes=2))
+    base = PointSpec(kind="ours", batch=2, shards="", crop=64, load_size=72, num_downs=6, ngf=4,
+                     ndf=4, workers=1, warmup=1, steps=2, log_every=1, compile=False, seed=0,
+                     run_dir="", processes=2)
+    rounds = [[(p.kind, p.batch, p.norm, p.processes) for p in r] for r in training_rounds(s, base)]
+    same = [("reference", 2, "batch_local", 2), ("ours", 2, "batch", 2), ("ours", 2, "batch_local", 2)]
+    assert rounds == [same, same, [("ours", 4, "batch", 2)], [("resnet18-unet", 2, "batch", 2)]]
+    one = training_rounds(dataclasses.replace(s, processes=1), dataclasses.replace(base, processes=1))
+    assert [[(p.kind, p.norm) for p in r] for r in one][:2] == [[("reference", "batch_local"),
+                                                                 ("ours", "batch")]] * 2
+    reference, ours, local = training_rounds(s, base)[0]
+    assert [point_config(p, "cpu").model.norm for p in (reference, ours, local)] == [
+        "batch_local", "batch", "batch_local"]
+    assert point_config(ours, "cpu").train.fused_adam is True
+    assert point_config(reference, "cpu").train.fused_adam is False
+
+
+@pytest.mark.parametrize("end", ["timeout", "ctrl-c"])
+def test_a_stopped_point_is_killed_with_every_process_below_it(tmp_path, end):
+    """A launcher whose rank runs in a session of its own (as torchrun starts them) and never
+    finishes, stopped by the point's timeout or by Ctrl-C (KeyboardInterrupt, raised once both
+    have started): both are gone when run_launch returns."""
+    pids = tmp_path / "pids"
+    script = ("import os, subprocess, sys, time\n"
+              "rank = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+              " start_new_session=True)\n"
+              f"open({str(pids)!r} + '.tmp', 'w').write(f'{{os.getpid()}} {{rank.pid}}')\n"
+              f"os.replace({str(pids)!r} + '.tmp', {str(pids)!r})\n"
+              "time.sleep(600)\n")
+    launch = functools.partial(run_launch, [sys.executable, "-c", script], dict(os.environ),
+                               tmp_path / "log")
+    if end == "timeout":
+        assert launch(timeout=3) is None
+    else:
+        def ctrl_c() -> None:
+            while not pids.exists():
+                time.sleep(0.05)
+            _thread.interrupt_main()
+
+        threading.Thread(target=ctrl_c, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            launch(timeout=600)
+    for pid in map(int, pids.read_text().split()):
+        deadline = time.monotonic() + 10  # a reparented rank is reaped by init
+        while _running(pid):
+            assert time.monotonic() < deadline, f"process {pid} still runs"
+            time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_failed_point_says_the_first_ranks_error():
+    log = ("W1203 torchrun: Setting OMP_NUM_THREADS\n[rank 1] stopped: another training process "
+           "failed or was killed\nerror: [rank 0] no shards in /x\nerror: [rank 1] later\n"
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n=====\n")
+    assert error_line(log, 1) == "[rank 0] no shards in /x"
+    assert error_line("Traceback\n  File x\nValueError: bad\n\n", 1) == "ValueError: bad"
+    assert error_line("", 9) == "exit code 9"
+
+
 # --- arithmetic against independent numbers ---------------------------------------------------
 
 def conv_flops(cin: int, cout: int, out_hw: int | tuple[int, int]) -> int:
@@ -226,13 +358,14 @@ def test_peak_table_by_device_name(name, peak):
 
 
 def _hand_results(ref: float, same: float, best: float, device: str = "cuda",
-                  round_ratios: list[float] | None = None) -> dict:
+                  round_ratios: list[float] | None = None, processes: int = 1) -> dict:
     points = [{"kind": "reference", "batch": 16, "images_per_s": ref},
               {"kind": "ours", "batch": 16, "images_per_s": same},
               {"kind": "ours", "batch": 256, "images_per_s": best},
               {"kind": "ours", "batch": 512, "error": "CUDA out of memory"}]
     results = {"environment": {"device_type": device},
-               "settings": {"train_batch_size": 16, "crop": 256, "num_downs": 8, "ngf": 64, "ndf": 64},
+               "settings": {"train_batch_size": 16, "crop": 256, "num_downs": 8, "ngf": 64, "ndf": 64,
+                            "processes": processes},
                "train": {"points": points, "round_ratios": round_ratios},
                "data": {"loaders": {"dali": {"images_per_s": 21_000.0},
                                     "tutorial": {"images_per_s": 700.0}}}}
@@ -265,6 +398,8 @@ def test_speed_ups_and_verdicts_from_hand_made_numbers():
     assert slow["ours_over_reference_batch_16"]["verdict"] == "FAIL"
     cpu = _hand_results(ref=1.0, same=2.0, best=9000.0, device="cpu")["targets"]
     assert cpu["end_to_end_images_per_s"]["verdict"] is None  # judged only where defined
+    eight = _hand_results(ref=870.0, same=4350.0, best=40_000.0, processes=8)["targets"]
+    assert eight["end_to_end_images_per_s"]["verdict"] is None  # defined for one GPU
 
 
 @pytest.mark.parametrize("device_type,device_name,ignored", [
@@ -283,17 +418,6 @@ def test_cpu_results_are_git_ignored_gpu_results_are_not(tmp_path, device_type, 
         check = subprocess.run(["git", "check-ignore", "--no-index", "-q",
                                 f"benchmarks/results/{path.name}"], cwd=REPO)
         assert check.returncode == (0 if ignored else 1), path.name
-
-
-@pytest.mark.slow  # the end-to-end benchmark run (point processes)
-def test_a_failing_point_is_one_line_and_the_rest_goes_on(tmp_path):
-    spec = PointSpec(kind="ours", batch=2, shards=str(tmp_path / "missing"), crop=32, load_size=36,
-                     num_downs=5, ngf=4, ndf=4, workers=1, warmup=1, steps=1, log_every=1,
-                     compile=False, seed=0, run_dir="")
-    assert point_config(spec, "cpu").train.fused_adam is True
-    got = run_point(spec, timeout=300)
-    assert set(got) == {"error"} and "\n" not in got["error"]
-    assert str(tmp_path / "missing") in got["error"]
 
 
 def test_sweep_starts_at_the_reference_batch_without_repeats():
@@ -351,6 +475,7 @@ def test_gpu_check_script_dry_run_names_valid_bounded_steps():
     (["--crop", "100", "--num-downs", "6"], "divisible"),
     (["--batch-sweep", "16,x"], "--batch-sweep '16,x'"),
     (["--batch-sweep", "0"], "at least 1"),
+    (["--processes", "0"], "--processes must be at least 1"),
     (["--only", "everything"], "everything"),
     (["--no-such-option", "1"], "no-such-option"),
 ])

@@ -177,24 +177,50 @@ INPUT_BOUND_WAIT = 0.05
 """A point whose loop waited for data more than this fraction of the time is input-bound."""
 
 
+def training_rounds(s: BenchSettings, base: PointSpec) -> list[tuple[PointSpec, ...]]:
+    """The training points in the order they run: `s.repeats` interleaved rounds of the reference
+    and ours at the same batch (with more than one process, ours twice: model.norm=batch and
+    batch_local), then ours once at each other batch of the sweep, then the resnet18-unet point
+    (with `s.resnet`). The reference keeps pix2pix's habits under DDP: plain BatchNorm, each
+    process over its own images."""
+    reference = dataclasses.replace(base, kind="reference", norm="batch_local")
+    local = [dataclasses.replace(base, norm="batch_local")] if base.processes > 1 else []
+    resnet = [dataclasses.replace(base, kind="resnet18-unet")] if s.resnet else []
+    return [(reference, base, *local)] * s.repeats + [
+        (dataclasses.replace(base, batch=b),) for b in s.sweep() if b != base.batch] + [
+        (spec,) for spec in resnet]
+
+
+def _key(spec: PointSpec) -> tuple[str, int, str]:
+    return spec.kind, spec.batch, spec.norm
+
+
+def _round_ratios(runs: dict[tuple[str, int, str], list[dict[str, Any]]],
+                  over: PointSpec, under: PointSpec) -> list[float]:
+    """One ratio per round: `over`'s images/s over `under`'s, run side by side."""
+    return [a["images_per_s"] / b["images_per_s"]
+            for a, b in zip(runs.get(_key(over), []), runs.get(_key(under), []))]
+
+
 def measure_training(s: BenchSettings, shards: Path, device: torch.device,
                      device_name: str) -> dict[str, Any]:
-    """The reference step and ours at the same batch, in `s.repeats` interleaved rounds (so a
-    load change on a busy machine hits both), then ours over the rest of the batch sweep; FLOPs
-    per image counted on our real step; achieved TFLOP/s and MFU against the device's bf16 peak.
-    With `s.resnet`, ours with the resnet18-unet generator once more at the reference's batch
-    (its own FLOPs and parameter count)."""
+    """The training points of `training_rounds`, each in its own process(es); FLOPs per image
+    counted on our real step (and on the resnet18-unet's); achieved TFLOP/s and MFU against the
+    bf16 peak of the `s.processes` devices."""
     from accelerate import Accelerator
 
     base = PointSpec(kind="ours", batch=s.train_batch_size, shards=str(shards), crop=s.crop,
                      load_size=s.load_size, num_downs=s.num_downs, ngf=s.ngf, ndf=s.ndf,
                      workers=s.workers, warmup=s.warmup, steps=s.steps, log_every=s.log_every,
-                     compile=s.compile, seed=s.seed, run_dir="")
-    reference = dataclasses.replace(base, kind="reference")
-    resnet = [dataclasses.replace(base, kind="resnet18-unet")] if s.resnet else []
+                     compile=s.compile, seed=s.seed, run_dir="", processes=s.processes)
+    rounds = training_rounds(s, base)
+    specs = list({_key(spec): spec for specs in rounds for spec in specs}.values())
+    reference, _, *local = rounds[0]  # the first round: the reference, ours, ours batch_local
     # FLOPs and generator parameters per kind of network (the reference runs ours' networks).
     cost: dict[str, dict[str, float]] = {}
-    for spec in [base, *resnet]:
+    for spec in specs:
+        if spec.kind in cost or spec.kind == "reference":
+            continue
         print(f"counting FLOPs of one training step ({spec.kind}) ...", flush=True)
         cfg = point_config(spec, device.type)
         cost[spec.kind] = {"flops_per_image": step_flops_per_image(
@@ -206,29 +232,28 @@ def measure_training(s: BenchSettings, shards: Path, device: torch.device,
     cost["reference"] = cost["ours"]
     flops = cost["ours"]["flops_per_image"]
     peak = peak_bf16_tflops(device_name) if device.type == "cuda" else None
-    rounds = [(reference, base)] * s.repeats + [
-        (dataclasses.replace(base, batch=b),) for b in s.sweep() if b != base.batch] + [
-        (spec,) for spec in resnet]
-    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    errors: dict[tuple[str, int], str] = {}
-    for i, specs in enumerate(rounds):
-        for spec in specs:
-            key = (spec.kind, spec.batch)
-            if key in errors:
+    runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    errors: dict[tuple[str, int, str], str] = {}
+    for i, round_specs in enumerate(rounds):
+        for spec in round_specs:
+            if _key(spec) in errors:
                 continue
-            print(f"measuring training: {spec.kind}, batch {spec.batch}"
+            norm = f", model.norm={spec.norm}" if s.processes > 1 else ""
+            print(f"measuring training: {spec.kind}{norm}, batch {spec.batch}"
+                  f"{f' x {s.processes} processes' if s.processes > 1 else ''}"
                   f"{f', round {i + 1}/{s.repeats}' if i < s.repeats else ''} ...", flush=True)
             result = run_point(spec, s.point_timeout)
             if "error" in result:
                 print(f"  skipped: {result['error']}", flush=True)
-                errors[key] = result["error"]
+                errors[_key(spec)] = result["error"]
             else:
                 print(f"  {result['images_per_s']:.2f} img/s", flush=True)
-                runs.setdefault(key, []).append(result)
+                runs.setdefault(_key(spec), []).append(result)
     points = []
-    for key in dict.fromkeys([(reference.kind, reference.batch), *((base.kind, b) for b in s.sweep()),
-                              *((spec.kind, spec.batch) for spec in resnet)]):
-        entry: dict[str, Any] = {"kind": key[0], "batch": key[1], **cost[key[0]]}
+    for spec in specs:
+        key = _key(spec)
+        entry: dict[str, Any] = {"kind": spec.kind, "batch": spec.batch, "norm": spec.norm,
+                                 "processes": spec.processes, **cost[spec.kind]}
         if key in errors:
             entry["error"] = errors[key]
         else:
@@ -236,17 +261,16 @@ def measure_training(s: BenchSettings, shards: Path, device: torch.device,
             entry["interval_spread"] = spread([x for run in runs[key]
                                                for x in run["interval_images_per_s"]])
             entry["tflop_per_s"] = entry["images_per_s"] * entry["flops_per_image"] / 1e12
-            entry["mfu"] = entry["tflop_per_s"] / peak if peak else None
+            entry["mfu"] = entry["tflop_per_s"] / (peak * spec.processes) if peak else None
             entry["bottleneck"] = ("input pipeline" if entry["data_wait_frac"] > INPUT_BOUND_WAIT
                                    else "training step")
         points.append(entry)
-    same = [(ours["images_per_s"] / ref["images_per_s"])
-            for ref, ours in zip(runs.get((reference.kind, reference.batch), []),
-                                 runs.get((base.kind, base.batch), []))]
     return {"flops_per_image": flops, "flop_count": "torch.utils.flop_counter.FlopCounterMode "
             "on one eager call of the training step (convolutions and matmuls, forward and backward)",
             "peak_bf16_tflops": peak, "peak_source": (device_name if peak else "unknown"),
-            "points": points,
-            # One ratio per round (ours over the reference run just before it): their median is
-            # the headline ratio, their min-max its spread.
-            "round_ratios": same}
+            "processes": s.processes, "points": points,
+            # One ratio per round (ours over the reference run just before it; with more than
+            # one process also model.norm=batch over batch_local): their median is the headline
+            # ratio, their min-max its spread.
+            "round_ratios": _round_ratios(runs, base, reference),
+            "norm_round_ratios": _round_ratios(runs, base, local[0]) if local else []}

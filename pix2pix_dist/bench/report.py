@@ -101,10 +101,18 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
     return a["images_per_s"] / b["images_per_s"]
 
 
+def _ours(points: list[dict[str, Any]], norm: str = "batch") -> list[dict[str, Any]]:
+    """Our measured points with model.norm `norm` (results written before the norm was recorded:
+    `batch`, the default, which they ran)."""
+    return [p for p in points if p["kind"] == "ours" and p.get("norm", "batch") == norm
+            and "error" not in p]
+
+
 def training_highlights(train: dict[str, Any], batch: int) -> dict[str, dict[str, Any] | None]:
-    """The reference point, ours at the reference's batch, and ours at its fastest batch."""
+    """The reference point, ours at the reference's batch, and ours at its fastest batch (ours:
+    train.py's defaults, model.norm=batch)."""
     points = [p for p in train.get("points", []) if "error" not in p]
-    ours = [p for p in points if p["kind"] == "ours"]
+    ours = _ours(points)
     return {
         "reference": next((p for p in points if p["kind"] == "reference"), None),
         "ours_same_batch": next((p for p in ours if p["batch"] == batch), None),
@@ -116,15 +124,22 @@ def summarize(results: dict[str, Any]) -> None:
     """Add the ratios and the targets' verdicts to `results`."""
     loaders = results.get("data", {}).get("loaders", {})
     train = results.get("train", {})
-    top = training_highlights(train, results["settings"]["train_batch_size"])
+    batch = results["settings"]["train_batch_size"]
+    top = training_highlights(train, batch)
     results["highlights"] = {k: (v["batch"] if v else None) for k, v in top.items()}
+    # With more than one process: ours with per-process statistics beside it (none otherwise).
+    local = next((p for p in _ours(train.get("points", []), "batch_local") if p["batch"] == batch),
+                 None)
     # Ratios measured side by side get one value per round: the ratio is their median, and
     # their min-max is its spread; the others are ratios of medians.
     rounds = {"ours_over_reference_same_batch": train.get("round_ratios") or [],
+              "batch_over_batch_local": train.get("norm_round_ratios") or [],
               **results.get("data", {}).get("round_ratios", {})}
     results["ratios"] = {
         "ours_over_reference_same_batch": _ratio(top["ours_same_batch"], top["reference"]),
         "ours_best_over_reference": _ratio(top["ours_best"], top["reference"]),
+        # The cost of statistics over every process's images (> 1: batch is faster).
+        "batch_over_batch_local": _ratio(top["ours_same_batch"], local),
         "dali_over_tutorial": _ratio(loaders.get("dali"), loaders.get("tutorial")),
         "torch_over_tutorial": _ratio(loaders.get("torch"), loaders.get("tutorial")),
         "dali_over_torch": _ratio(loaders.get("dali"), loaders.get("torch")),
@@ -140,7 +155,7 @@ def summarize(results: dict[str, Any]) -> None:
     env, st = results["environment"], results["settings"]
     # The issue's targets are defined for one H100/H200 with the default 256x256 networks.
     judged = (env["device_type"] == "cuda" and st["crop"] == 256 and st["num_downs"] == 8
-              and st["ngf"] == st["ndf"] == 64)
+              and st["ngf"] == st["ndf"] == 64 and st.get("processes", 1) == 1)
 
     def verdict(value: float | None, target: float) -> str | None:
         return None if not judged or value is None else ("PASS" if value >= target else "FAIL")
@@ -175,11 +190,24 @@ POINT_NAMES = {"reference": ("reference (fp32, NCHW, eager, plain Adam)", None),
                "ours": ("ours", None), "resnet18-unet": ("ours, resnet18-unet", "resnet18-unet")}
 """Each point kind's row name and generator (None: the pix2pix U-Net of --num-downs)."""
 
+NORM_ROWS = {"batch": "model.norm=batch (cross-process statistics)",
+             "batch_local": "model.norm=batch_local (per-process statistics)"}
+"""What ours' row adds to its name with more than one process: whose images BatchNorm sees."""
+
+
+def point_name(p: dict[str, Any]) -> tuple[str, str | None]:
+    """A point's row name and generator (None: the pix2pix U-Net of --num-downs)."""
+    name, generator = POINT_NAMES.get(p["kind"], (p["kind"], p["kind"]))
+    if p["kind"] == "ours" and p.get("processes", 1) > 1:
+        name = f"{name}, {NORM_ROWS[p['norm']]}"
+    return name, generator
+
 SPEED_KEYS = ("mixed_precision", "channels_last", "fused_adam", "compile", "sync_every", "d_concat")
 
 
-def _settings_used(points: list[dict[str, Any]], device_type: str) -> list[str]:
-    """Which speed settings each kind of point ran, as train.py resolved them, and why."""
+def _settings_used(points: list[dict[str, Any]], device_type: str, processes: int) -> list[str]:
+    """Which speed settings each kind of point ran, as train.py resolved them, and why; with
+    more than one process, what each BatchNorm row is."""
     lines = []
     for kind in ("reference", "ours"):
         p = next((p for p in points if p["kind"] == kind and "train_config" in p), None)
@@ -190,6 +218,14 @@ def _settings_used(points: list[dict[str, Any]], device_type: str) -> list[str]:
            f"for {device_type} by pix2pix_dist/device_defaults.py (the same function train.py "
            "calls): the speed options measured fastest on this kind of device "
            "(docs/design.md, \"Per-device defaults\")")
+    if processes > 1:
+        why += (f". On {processes} processes each row's batch is per process and img/s count "
+                f"all processes' images; ours runs twice at the reference's batch: "
+                f"model.norm=batch (train.py's default: each BatchNorm layer's statistics over "
+                f"all {processes} processes' images, one small collective per layer per forward "
+                f"and backward) and model.norm=batch_local (each process's own images, no "
+                f"communication); the reference keeps plain BatchNorm per process, as pix2pix "
+                f"under DDP (docs/design.md, \"BatchNorm over the recipe's batch\")")
     return lines + [f"- why: {why}"] if lines else []
 
 
@@ -217,15 +253,19 @@ def format_report(results: dict[str, Any]) -> str:
     if train:
         gflop = train["flops_per_image"] / 1e9
         peak = train["peak_bf16_tflops"]
+        processes = train.get("processes", 1)
+        on = (f" on {processes} processes each (batch per process; img/s of all processes)"
+              if processes > 1 else "")
         lines += [f"## Training, end to end: shards -> loader -> the training loop "
-                  f"(crop {st['crop']}, num_downs {st['num_downs']}, ngf {st['ngf']}, ndf {st['ndf']})", "",
+                  f"(crop {st['crop']}, num_downs {st['num_downs']}, ngf {st['ngf']}, ndf {st['ndf']})"
+                  f"{on}", "",
                   "| step | generator | G params (M) | GFLOP/image | batch | img/s (median) | "
                   "runs min-max | intervals min-max | step-only img/s | data wait | bottleneck | "
                   "TFLOP/s | MFU | peak GPU GiB |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         unet = f"unet_{2 ** st['num_downs']}"
         for p in train["points"]:
-            name, generator = POINT_NAMES.get(p["kind"], (p["kind"], p["kind"]))
+            name, generator = point_name(p)
             # Results written before points carried their own cost: the U-Net's, for the run.
             params, flops = p.get("generator_params"), p.get("flops_per_image", train["flops_per_image"])
             head = (f"| {name} | {generator or unet} | {_fmt(params and params / 1e6, ',.2f')} | "
@@ -244,12 +284,14 @@ def format_report(results: dict[str, Any]) -> str:
         lines += ["", f"FLOPs per image (D step + G step), counted by FlopCounterMode on the "
                       f"real step: {gflop:.2f} GFLOP for {unet}. MFU against the dense bf16 peak of "
                       f"{'%g TFLOP/s (%s)' % (peak, train['peak_source']) if peak else 'an unknown device'}"
+                      f"{f' per GPU, x {processes}' if peak and processes > 1 else ''}"
                       f". Every run times {st['steps']} steps (intervals of {math.gcd(st['warmup'], st['steps'])}) "
-                      f"after {st['warmup']} warm-up steps; the reference and ours at batch "
+                      f"after {st['warmup']} warm-up steps; the reference and ours"
+                      f"{' (both norms)' if processes > 1 else ''} at batch "
                       f"{st['train_batch_size']} ran in {st['repeats']} interleaved rounds "
                       f"(runs min-max, number of runs in brackets), the sweep's other batches "
                       f"once (intervals min-max).", "", "Settings used:", ""]
-        lines += _settings_used(train["points"], env["device_type"]) + [""]
+        lines += _settings_used(train["points"], env["device_type"], processes) + [""]
     data = results.get("data")
     if data:
         lines += [f"## Input pipeline alone: {data['images']} images in {data['tars']} shard(s) at "

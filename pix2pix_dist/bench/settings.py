@@ -30,6 +30,15 @@ class BenchSettings:
     """Input-pipeline batch (default: 256 on CUDA, 8 on CPU)."""
     train_batch_size: Maybe[int] = None
     """Batch of the reference step and of ours beside it (default: 16 on CUDA, 2 on CPU)."""
+    processes: int = 1
+    """Processes per training point, launched by torchrun (one GPU each on CUDA, NCCL; gloo on
+    a CPU, with one compute thread each unless OMP_NUM_THREADS is set); batches are per
+    process and img/s count every process's images. Above 1 the training table gets ours twice
+    at --train-batch-size: model.norm=batch (statistics over all processes' images) and
+    batch_local (each process's own), in the same interleaved rounds, and their ratio; the
+    reference keeps plain BatchNorm per process, as pix2pix under DDP. Default 1 on every device
+    (the table the speed targets are defined for: one GPU); all GPUs: --processes
+    $(nvidia-smi -L | wc -l)."""
     batch_sweep: Maybe[str] = None
     """Further batches for our step, comma-separated, e.g. 64,128,256 (default: 64,128,256 on
     CUDA, 1,4 on CPU); the fastest point is reported as ours at its best batch."""
@@ -142,6 +151,11 @@ def _validate(s: BenchSettings) -> None:
                          f"commas, e.g. 64,128,256") from None
     if min(batches) < 1:
         raise BenchError(f"--batch-sweep {s.batch_sweep!r}: batch sizes must be at least 1")
+    if s.processes < 1:
+        raise BenchError(f"--processes must be at least 1, got {s.processes}")
+    if s.device == "cuda" and s.processes > torch.cuda.device_count():
+        raise BenchError(f"--processes {s.processes}: only {torch.cuda.device_count()} GPU(s) "
+                         f"are visible (one process per GPU)")
     if s.repeats < 1:
         raise BenchError(f"--repeats must be at least 1, got {s.repeats}")
     try:
