@@ -14,11 +14,14 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import queue
 import re
 import sys
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,11 +35,17 @@ from .cli import CliError, Maybe, parse
 from .errors import run_main
 from .export import GeneratorExport, NormMode, load_export
 from .imageio import DEFAULT_MAX_PIXELS, Skip, display_name, find_image_files, load_image, to_rgb
+from .data.lab import one_cpu_thread
 from .inference import (GeometryError, RowReader, compose_rows, image_seed, model_input_rows,
                         predict_ab)
 
 PROGRESS_MIN_FILES = 6
 """A progress bar for this many files or more; a handful finish before one would help."""
+PIPELINE_PIXELS = 32_000_000
+"""Decoded pixels colorize holds at once: the next photos decode and the previous ones are
+coloured and encoded while the network runs, as long as together they stay under this; a
+larger photo runs alone. So peak memory is the base + 4-5 bytes per pixel of the larger of
+this and the largest photo (docs/design.md, "Colorize memory")."""
 
 
 @dataclass
@@ -102,10 +111,69 @@ def output_name(relative: Path, suffix: str, used: set[str]) -> Path:
     return candidate
 
 
+class PipelineClosed(Exception):
+    """Raised in the loader thread when colorize stops early (an error elsewhere)."""
+
+
+class PixelBudget:
+    """Admits decoded images into colorize's pipeline. `acquire(pixels)` waits until they fit
+    `limit` beside the pixels already in flight, or until fewer than `min_count` images are in
+    flight (a batch of that many must always be able to fill, and a photo over the limit then
+    runs alone); `release` returns them. After `close()` every waiting or later acquire raises
+    PipelineClosed."""
+
+    def __init__(self, limit: int, min_count: int = 1) -> None:
+        self.limit, self.min_count = limit, min_count
+        self.pixels = self.count = self.waiting = 0
+        self.closed = False
+        self._changed = threading.Condition()
+
+    def admits(self, pixels: int) -> bool:
+        return self.count < self.min_count or self.pixels + pixels <= self.limit
+
+    def acquire(self, pixels: int) -> None:
+        with self._changed:
+            self.waiting += 1
+            try:
+                self._changed.wait_for(lambda: self.closed or self.admits(pixels))
+            finally:
+                self.waiting -= 1
+            if self.closed:
+                raise PipelineClosed
+            self.pixels += pixels
+            self.count += 1
+
+    def release(self, pixels: int) -> None:
+        with self._changed:
+            self.pixels -= pixels
+            self.count -= 1
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+
+@dataclass
+class Loaded:
+    """A decoded photo with its network input, on its way through colorize's pipeline."""
+    dest: Path
+    image: Image.Image
+    L: torch.Tensor
+    h: int
+    w: int
+    seed: int
+    pixels: int
+
+
 def colorize_files(opts: ColorizeOptions, exported: GeneratorExport, device: torch.device,
                    files: list[tuple[Path, Path]]) -> tuple[int, dict[str, int]]:
     """Load, batch (same network input size), predict and write `files` (from find_inputs);
-    (images written, skip counts)."""
+    (images written, skip counts). Three stages overlap, each photo's results the same as alone
+    (docs/design.md, "Colorize memory"): a thread decodes the next photos and makes their
+    network input, this thread runs the network, and one thread per core colours, encodes and
+    writes; a PixelBudget bounds the decoded pixels in flight."""
     from tqdm.auto import tqdm
 
     generator, settings = exported.generator, exported.settings
@@ -117,40 +185,116 @@ def colorize_files(opts: ColorizeOptions, exported: GeneratorExport, device: tor
     # write photos/a.png over the photo photos/a.png (it gets a-2.png instead).
     used = {os.path.relpath(os.path.realpath(p), root).lower() for p, _ in files}
     skipped: Counter[str] = Counter()
+    budget = PixelBudget(PIPELINE_PIXELS, batch_size)
+    loaded: queue.Queue[Loaded | BaseException | None] = queue.Queue()
+    bar = tqdm(total=len(files), unit="img", dynamic_ncols=True,
+               disable=not opts.progress or len(files) < PROGRESS_MIN_FILES)
 
-    def loaded() -> Iterator[tuple[Path, Image.Image, torch.Tensor, int, int, int]]:
-        for path, relative in tqdm(files, unit="img", dynamic_ncols=True,
-                                   disable=not opts.progress or len(files) < PROGRESS_MIN_FILES):
-            try:
-                image = load_image(path, opts.max_pixels)
-                L, h, w = model_input_rows(image_rows(image), image.height, image.width, settings,
-                                           2 ** generator.num_downs, device)
-            except (Skip, GeometryError) as exc:
-                skipped[exc.reason if isinstance(exc, Skip) else "too_thin"] += 1
-                # One line, whatever the name.
-                tqdm.write(f"skipped {display_name(str(path))}: {exc}", file=sys.stderr)
-                continue
-            yield output_name(relative, suffix, used), image, L, h, w, image_seed(str(relative))
+    def load(path: Path, relative: Path) -> Loaded | None:
+        pixels = 0
 
-    written = 0
-    for _, same_size in itertools.groupby(loaded(), key=lambda item: item[2].shape):
-        while batch := list(itertools.islice(same_size, batch_size)):
-            ab = predict_ab(generator, torch.cat([item[2] for item in batch]), mode,
-                            [item[5] for item in batch])
-            for (dest, image, _, h, w, _), one in zip(batch, ab):
-                image = colorized(image, one[:, :h, :w])
-                data = io.BytesIO()  # PNG ignores `quality`
-                image.save(data, format=opts.format, quality=opts.quality)
+        def reserve(n: int) -> None:
+            nonlocal pixels
+            budget.acquire(n)
+            pixels = n
+
+        image = None
+        try:
+            image = load_image(path, opts.max_pixels, before_decode=reserve)
+            L, h, w = network_input(image, exported, device)
+        except (Skip, GeometryError) as exc:
+            if image is not None:
                 image.close()
-                target = opts.output / dest
-                # Checked before mkdir, which would otherwise create folders behind the link.
-                if not target.parent.resolve().is_relative_to(root):
-                    raise CliError(f"{target.parent} leads outside --output {opts.output} "
-                                   f"(a symbolic link?); refusing to write there")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(target, data.getvalue())
-                written += 1
+            if pixels:
+                budget.release(pixels)
+            skipped[exc.reason if isinstance(exc, Skip) else "too_thin"] += 1
+            # One line, whatever the name.
+            tqdm.write(f"skipped {display_name(str(path))}: {exc}", file=sys.stderr)
+            bar.update()
+            return None
+        return Loaded(output_name(relative, suffix, used), image, L, h, w,
+                      image_seed(str(relative)), pixels)
+
+    def load_all() -> None:  # the loader thread
+        try:
+            with one_cpu_thread(torch.device("cpu")):
+                for path, relative in files:
+                    if budget.closed:
+                        return
+                    if (item := load(path, relative)) is not None:
+                        loaded.put(item)
+        except BaseException as exc:  # raised again in the network thread
+            loaded.put(exc)
+        else:
+            loaded.put(None)
+
+    def in_order() -> Iterator[Loaded]:
+        while (item := loaded.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def finish(item: Loaded, ab: torch.Tensor) -> None:  # a worker thread
+        try:
+            image = colorized(item.image, ab)
+            data = encoded(image, opts.format, opts.quality)
+            image.close()
+            write_output(opts.output / item.dest, opts.output, data)
+        finally:
+            budget.release(item.pixels)
+            bar.update()
+
+    threads = torch.get_num_threads()
+    workers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="colorize")
+    loader = threading.Thread(target=load_all, name="colorize-load", daemon=True)
+    loader.start()
+    pending: list[Future[None]] = []
+    written = 0
+    try:
+        for _, same_size in itertools.groupby(in_order(), key=lambda item: item.L.shape):
+            while batch := list(itertools.islice(same_size, batch_size)):
+                ab = predict_ab(generator, torch.cat([item.L for item in batch]), mode,
+                                [item.seed for item in batch])
+                written += len(batch)
+                pending += [workers.submit(finish, item, one[:, :item.h, :item.w])
+                            for item, one in zip(batch, ab)]
+                for future in [f for f in pending if f.done()]:  # an error stops colorize now
+                    pending.remove(future)
+                    future.result()
+        for future in pending:
+            future.result()
+    finally:
+        budget.close()
+        workers.shutdown(wait=True, cancel_futures=True)
+        loader.join()
+        bar.close()
+        torch.set_num_threads(threads)  # the loader's one_cpu_thread sets the process default
     return written, dict(skipped)
+
+
+def network_input(image: Image.Image, exported: GeneratorExport, device: torch.device
+                  ) -> tuple[torch.Tensor, int, int]:
+    """A decoded photo's network input (inference.model_input_rows), read a strip at a time."""
+    return model_input_rows(image_rows(image), image.height, image.width, exported.settings,
+                            2 ** exported.generator.num_downs, device)
+
+
+def encoded(image: Image.Image, fmt: str, quality: int) -> bytes:
+    """The output file's bytes (PNG ignores `quality`)."""
+    data = io.BytesIO()
+    image.save(data, format=fmt, quality=quality)
+    return data.getvalue()
+
+
+def write_output(target: Path, output: Path, data: bytes) -> None:
+    """Atomically write `data` to `target`, a path below the folder `output`; refuses a target
+    whose folder leads outside it (a symbolic link in the output tree)."""
+    # Checked before mkdir, which would otherwise create folders behind the link.
+    if not target.parent.resolve().is_relative_to(output.resolve()):
+        raise CliError(f"{target.parent} leads outside --output {output} "
+                       f"(a symbolic link?); refusing to write there")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, data)
 
 
 def image_rows(image: Image.Image) -> RowReader:

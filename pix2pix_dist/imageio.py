@@ -12,6 +12,7 @@ import functools
 import os
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import BinaryIO
 
 import numpy as np
@@ -128,9 +129,12 @@ class Skip(Exception):
         self.reason = reason
 
 
-def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+               before_decode: Callable[[int], None] | None = None) -> Image.Image:
     """The decoded, EXIF-oriented image of a file, in its own mode (`to_rgb` converts it, also a
-    strip at a time: colorize never holds a second full-size copy); raises Skip."""
+    strip at a time: colorize never holds a second full-size copy); raises Skip.
+    `before_decode(pixels)` is called with the header's pixel count once it is within
+    `max_pixels`, before any pixel is decoded (colorize waits there for memory)."""
     try:
         f = open_regular(path)  # a FIFO would block open() forever
     except NotRegularFile:
@@ -144,6 +148,8 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 im = open_bounded(f, max_pixels)
                 try:
+                    if before_decode is not None:
+                        before_decode(im.width * im.height)
                     ImageOps.exif_transpose(im, in_place=True)  # no copy when upright
                     im.load()  # decoded now, while the file is open
                 except BaseException:

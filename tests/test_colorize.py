@@ -6,6 +6,8 @@ import os
 import shutil
 import struct
 import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -17,9 +19,11 @@ from skimage import data as skdata
 from skimage.color import rgb2lab
 
 from conftest import make_unlistable_folder, run_python
+from pix2pix_dist import colorize
 from pix2pix_dist.colorize import main as colorize_main
-from pix2pix_dist.colorize import find_inputs, output_name
-from pix2pix_dist.imageio import find_image_files
+from pix2pix_dist.colorize import PipelineClosed, PixelBudget, find_inputs, output_name
+from pix2pix_dist.export import load_export
+from pix2pix_dist.imageio import find_image_files, load_image
 from pix2pix_dist import inference
 from pix2pix_dist.export import InferenceSettings
 from pix2pix_dist.data.geometry import resize
@@ -97,6 +101,83 @@ def test_network_input_from_strips_is_the_whole_image_resize(monkeypatch):
         assert torch.equal(L[..., :h, :w], whole)
         upscaled, h, w = inference.model_input(rgb[:, :40, :50], InferenceSettings(crop_size=64, resize=mode), 32)
         assert torch.equal(upscaled[..., :h, :w], uint8_to_lab(resize(rgb[:, :40, :50], 64, mode)[None])[0])
+
+
+class RecordingBudget(PixelBudget):
+    """The pipeline's budget, remembering the most pixels and images it let in at once."""
+    peaks: list[tuple[int, int]] = []
+
+    def acquire(self, pixels: int) -> None:
+        super().acquire(pixels)
+        RecordingBudget.peaks.append((self.pixels, self.count))
+
+
+@pytest.mark.parametrize("mode", ["eval", "batch"])
+def test_the_pipeline_writes_what_each_photo_gives_alone_within_its_pixel_budget(
+        export, tmp_path, monkeypatch, mode):
+    """colorize_files overlaps decoding, the network and colour + encoding of different photos;
+    every output is still byte for byte the per-file path's (decode, network input, network,
+    colour, encode: the calls the benchmark times), and the decoded pixels in flight stay within
+    PIPELINE_PIXELS except for a photo that is alone."""
+    src = tmp_path / "in"
+    src.mkdir()
+    sizes = [(120, 180), (64, 64), (300, 200), (90, 140), (64, 96), (150, 150), (70, 100)]
+    for i, (h, w) in enumerate(sizes):
+        _photo(src / f"p{i}.jpg", h, w)
+    Image.fromarray(np.asarray(Image.open(src / "p0.jpg").convert("L"))).save(src / "gray.png")
+    Image.open(src / "p1.jpg").convert("P", palette=Image.Palette.ADAPTIVE).save(src / "pal.png")
+    limit = 3 * 150 * 150  # p2 (60,000 px) shares the pipeline with little; most others fit 3-4 at once
+    monkeypatch.setattr(colorize, "PIPELINE_PIXELS", limit)
+    monkeypatch.setattr(colorize, "PixelBudget", RecordingBudget)
+    RecordingBudget.peaks = []
+    out = tmp_path / "out"
+    assert colorize_main([str(src), "--generator", str(export), "--output", str(out),
+                          "--norm-mode", mode, "--no-progress"]) == 0
+    assert all(pixels <= limit or count == 1 for pixels, count in RecordingBudget.peaks)
+    assert max(count for _, count in RecordingBudget.peaks) > 1  # it did overlap photos
+    exported = load_export(export, torch.device("cpu"))
+    for path in sorted(src.iterdir()):
+        image = load_image(path)
+        L, h, w = colorize.network_input(image, exported, torch.device("cpu"))
+        ab = inference.predict_ab(exported.generator, L, mode, [inference.image_seed(path.name)])
+        alone = colorize.encoded(colorize.colorized(image, ab[0, :, :h, :w]), "png", 95)
+        assert (out / (path.stem + ".png")).read_bytes() == alone, path.name
+
+
+def test_the_pixel_budget_admits_what_fits_and_a_larger_image_alone():
+    budget = PixelBudget(limit=100)
+    budget.acquire(60)
+    budget.acquire(40)  # 100: fits exactly
+
+    def acquire_in_thread(pixels: int) -> tuple[threading.Thread, list[BaseException]]:
+        errors: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                budget.acquire(pixels)
+            except BaseException as exc:
+                errors.append(exc)
+        thread = threading.Thread(target=body)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while budget.waiting == 0 and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)  # until it waits (a guard, not a timing assumption)
+        assert budget.waiting == 1
+        return thread, errors
+
+    thread, errors = acquire_in_thread(500)  # over the limit: waits until nothing is in flight
+    budget.release(60)
+    assert budget.waiting == 1 and thread.is_alive()
+    budget.release(40)
+    thread.join(30)
+    assert not thread.is_alive() and not errors and (budget.pixels, budget.count) == (500, 1)
+    thread, errors = acquire_in_thread(1)  # nothing fits beside a photo over the limit
+    budget.close()  # colorize stopping: the loader's wait ends with PipelineClosed
+    thread.join(30)
+    assert [type(e) for e in errors] == [PipelineClosed]
+    with pytest.raises(PipelineClosed):
+        budget.acquire(1)
+    assert PixelBudget(limit=10, min_count=3).admits(1000)  # a batch of 3 can always fill
 
 
 def test_importing_colorize_leaves_out_torchvision_and_torch_compile():

@@ -55,7 +55,8 @@ def run(s: BenchSettings, command: str) -> dict[str, Any]:
         print(f"measuring colorize at {s.colorize_megapixels} MP ...", flush=True)
         cache = Path(s.cache)
         results["colorize"] = colorize_speed.run(ColorizeBenchSettings(
-            sizes=s.colorize_megapixels, repeat=1, cache=str(cache.with_name(cache.name + "-colorize"))))
+            sizes=s.colorize_megapixels, repeat=1, set_sizes="",  # the whole set: colorize_speed alone
+            cache=str(cache.with_name(cache.name + "-colorize"))))
     summarize(results)
     return results
 

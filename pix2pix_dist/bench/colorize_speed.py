@@ -1,14 +1,17 @@
 """Full-resolution colorize against its floor: decoding each photo and encoding an output of the
 same size, alone, on the same files, in one run; and colorize's peak memory per megapixel.
 
-    python -m pix2pix_dist.bench.colorize_speed                 # 2, 12 and 24 MP photos, PNG out
+    python -m pix2pix_dist.bench.colorize_speed                 # PNG out
     python -m pix2pix_dist.bench.colorize_speed --format jpeg --sizes 24,56
 
-Per photo, interleaved and repeated (the minimum of `--repeat` tries is kept, so a busy machine
-shifts both sides alike): `floor` = decode (the file into a PIL image) + encode (RGB, the output
-format) + atomic write; `colorize` = pix2pix-colorize's own per-file path (colorize_files) with
-the given generator, split into its stages: decode, network input, network, full-resolution
-colour, encode + write. Peak RSS: `pix2pix-colorize` on each photo in a fresh process
+Interleaved and repeated (the minimum of `--repeat` tries is kept, so a busy machine shifts both
+sides alike). `floor` = decode (the file into a PIL image) + encode (RGB, the output format) +
+atomic write, one photo after another on one thread. Per photo (`--sizes`): colorize's per-file
+work alone (the calls colorize_files makes), split into its stages: decode, network input,
+network, full-resolution colour, encode + write. The whole set (`--set-sizes`, by default like
+the issue's 17 photos of 68 MP with one of 18 MP): `colorize_files` itself, i.e.
+pix2pix-colorize's wall time on the folder with its stages overlapping, against the sum of the
+floors. Peak RSS: `pix2pix-colorize` on each photo, and on the set, in a fresh process
 (ru_maxrss), minus nothing: what a user's process reaches, imports included.
 """
 
@@ -35,8 +38,11 @@ from ..imageio import load_image
 
 @dataclass
 class ColorizeBenchSettings:
-    sizes: str = "2,12,24"
-    """Photo sizes in megapixels (3:2 photos made from scikit-image's astronaut, with noise)."""
+    sizes: str = "0.3,1,4,24"
+    """Photo sizes in megapixels, one row each (3:2 photos made from scikit-image's astronaut,
+    with noise)."""
+    set_sizes: str = "17.9,5,4.5,4,4,4,4,4,4,3,3,3,3,2,2,1,0.3"
+    """Sizes of the photos of the whole-set row (empty: no such row)."""
     format: Literal["png", "jpeg"] = "png"
     """Output format (colorize's default: png)."""
     generator: str | None = None
@@ -50,7 +56,7 @@ class ColorizeBenchSettings:
     """Also measure peak RSS per photo (a pix2pix-colorize process each)."""
 
 
-def make_photo(folder: Path, megapixels: float) -> Path:
+def make_photo(folder: Path, megapixels: float, seed: int = 0) -> Path:
     """A 3:2 JPEG (quality 90) of about `megapixels`, textured like a photo (noise on an
     upscaled picture), generated once."""
     from PIL import Image
@@ -58,11 +64,11 @@ def make_photo(folder: Path, megapixels: float) -> Path:
 
     width = int(round((megapixels * 1e6 * 1.5) ** 0.5))
     height = int(round(width / 1.5))
-    path = folder / f"photo-{width}x{height}.jpg"
+    path = folder / (f"photo-{width}x{height}" + (f"-{seed}" if seed else "") + ".jpg")
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
         big = np.asarray(Image.fromarray(skdata.astronaut()).resize((width, height), Image.BICUBIC))
-        noise = np.random.default_rng(0).normal(0, 4, big.shape[:2])[..., None]
+        noise = np.random.default_rng(seed).normal(0, 4, big.shape[:2])[..., None]
         Image.fromarray(np.clip(big + noise, 0, 255).astype(np.uint8)).save(path, quality=90)
     return path
 
@@ -95,10 +101,9 @@ def floor_seconds(photo: Path, fmt: str, out: Path) -> float:
 
 def colorize_stages(photo: Path, fmt: str, export, out: Path) -> dict[str, float]:
     """colorize's per-file work, timed stage by stage (colorize_files runs the same calls)."""
-    from ..colorize import colorized, image_rows
-    from ..inference import image_seed, model_input_rows, predict_ab
+    from ..colorize import colorized, encoded, network_input, write_output
+    from ..inference import image_seed, predict_ab
 
-    generator, settings = export.generator, export.settings
     times, start = {}, time.perf_counter()
 
     def lap(name: str) -> None:
@@ -109,23 +114,35 @@ def colorize_stages(photo: Path, fmt: str, export, out: Path) -> dict[str, float
 
     image = load_image(photo, sys.maxsize)
     lap("decode")
-    L, h, w = model_input_rows(image_rows(image), image.height, image.width, settings,
-                               2 ** generator.num_downs, torch.device("cpu"))
+    L, h, w = network_input(image, export, torch.device("cpu"))
     lap("network input")
-    ab = predict_ab(generator, L, settings.norm_mode, [image_seed(photo.name)])
+    ab = predict_ab(export.generator, L, export.settings.norm_mode, [image_seed(photo.name)])
     lap("network")
     image = colorized(image, ab[0, :, :h, :w])
     lap("full-resolution colour")
-    data = io.BytesIO()
-    image.save(data, format=fmt, quality=95)
-    atomic_write(out / "colorized", data.getvalue())
+    write_output(out / "colorized", out, encoded(image, fmt, 95))
     lap("encode + write")
     times["total"] = sum(times.values())
     return times
 
 
+def colorize_set_seconds(photos: Path, fmt: str, generator: Path, export, out: Path) -> float:
+    """pix2pix-colorize's own loop (colorize_files) on a folder of photos, wall time."""
+    from ..colorize import ColorizeOptions, colorize_files, find_inputs
+
+    opts = ColorizeOptions([photos], generator, output=out / "set", format=fmt, quality=95,
+                           progress=False)
+    files, _ = find_inputs(opts.inputs)
+    start = time.perf_counter()
+    written, _ = colorize_files(opts, export, torch.device("cpu"), files)
+    seconds = time.perf_counter() - start
+    assert written == len(files), (written, len(files))
+    return seconds
+
+
 def peak_rss_mib(photo: Path, generator: Path, fmt: str, out: Path) -> float:
-    """Peak RSS of `python -m pix2pix_dist.colorize photo` in a fresh process, in MiB."""
+    """Peak RSS of `python -m pix2pix_dist.colorize photo` (a file or a folder) in a fresh
+    process, in MiB."""
     probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
              "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     proc = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "pix2pix_dist.colorize",
@@ -160,8 +177,31 @@ def run(s: ColorizeBenchSettings) -> dict:
                 entry.update(peak_rss_mib=peak, peak_rss_mib_per_mp=peak / megapixels)
             print(json.dumps(entry), flush=True)
             results.append(entry)
+        whole_set = (measure_set(s, [float(x) for x in s.set_sizes.split(",")], generator, export, out)
+                     if s.set_sizes else None)
     return {"format": s.format, "threads": torch.get_num_threads(), "generator": str(generator),
-            "photos": results}
+            "photos": results, "set": whole_set}
+
+
+def measure_set(s: ColorizeBenchSettings, sizes: list[float], generator: Path, export,
+                out: Path) -> dict:
+    """The whole-set row: colorize_files on a folder of photos of `sizes` against the sum of
+    their floors, interleaved, the minimum of `s.repeat` tries each."""
+    folder = Path(s.cache) / ("set-" + "-".join(f"{mp:g}" for mp in sizes))
+    photos = [make_photo(folder, mp, seed) for seed, mp in enumerate(sizes, 1)]
+    floor, colorize = [], []
+    for _ in range(s.repeat):
+        floor.append(sum(floor_seconds(photo, s.format, out) for photo in photos))
+        colorize.append(colorize_set_seconds(folder, s.format, generator, export, out))
+    megapixels = sum(w * h for w, h in (load_image(p, sys.maxsize).size for p in photos)) / 1e6
+    entry = {"photos": len(photos), "megapixels": round(megapixels, 1),
+             "largest_megapixels": round(max(sizes), 1), "floor_s": min(floor),
+             "colorize_s": min(colorize), "ratio": min(colorize) / min(floor)}
+    if s.memory:
+        peak = peak_rss_mib(folder, generator, s.format, out)
+        entry.update(peak_rss_mib=peak, peak_rss_mib_per_mp=peak / max(sizes))
+    print(json.dumps(entry), flush=True)
+    return entry
 
 
 def format_table(r: dict) -> str:
@@ -175,6 +215,15 @@ def format_table(r: dict) -> str:
                      f"| {st['network']:.2f} | {st['full-resolution colour']:.2f} "
                      f"| {st['encode + write']:.2f} | {e.get('peak_rss_mib', float('nan')):.0f} "
                      f"| {e.get('peak_rss_mib_per_mp', float('nan')):.1f} |")
+    if e := r.get("set"):
+        lines += ["", f"whole set: {e['photos']} photos, {e['megapixels']} MP (largest "
+                      f"{e['largest_megapixels']} MP), pix2pix-colorize's own loop with its stages "
+                      "overlapping against one decode + encode after another",
+                  "| decode+encode s | colorize s | ratio | MP/s | peak RSS MiB | MiB per MP of the "
+                  "largest |", "|---|---|---|---|---|---|",
+                  f"| {e['floor_s']:.2f} | {e['colorize_s']:.2f} | {e['ratio']:.2f}x "
+                  f"| {e['megapixels'] / e['colorize_s']:.2f} | {e.get('peak_rss_mib', float('nan')):.0f} "
+                  f"| {e.get('peak_rss_mib_per_mp', float('nan')):.1f} |"]
     return "\n".join(lines)
 
 
