@@ -9,18 +9,24 @@ else arrives complete and in order, also from a process that crashes or is kille
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
+import skimage.data
+from PIL import Image
 
 from conftest import REPO, clean_env, run_python
 from pix2pix_dist.data.decoder_log_filter import RED, RESET, START, TAG, DecoderLineFilter
+from pix2pix_dist.shard_format import index_name, shard_name
 from test_data import write_shards
 
 TINY = ["data.load_size=64", "data.crop_size=64", "model.num_downs=6", "model.ngf=16",
@@ -56,6 +62,37 @@ def test_a_corrupt_jpeg_stops_dali_training_with_our_one_line_only(tmp_path):
     assert "[ERROR]" not in proc.stderr and "jpeg_parser" not in proc.stderr and "\x1b" not in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: DALI failed") and "train-000001.tar/train00007 does not decode" in proc.stderr
+
+
+def test_jpegs_cut_in_their_image_data_give_our_line_with_dalis_reason(tmp_path):
+    """JPEGs whose headers parse but whose image data ends early fail in libjpeg-turbo, on
+    several decoder threads at once: nvImageCodec's `[ERROR] [libjpeg_turbo_decoder] ...`
+    lines (interleaved, seen here) are all dropped, and our line carries DALI's reason."""
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()[::4, ::4]).save(buf, "JPEG", quality=90)
+    jpg = buf.getvalue()[:len(buf.getvalue()) * 7 // 10]
+    tar = tmp_path / shard_name("train", 0)
+    with tarfile.open(tar, "w") as tf:
+        for i in range(16):
+            member = tarfile.TarInfo(f"s{i:02d}.jpg")
+            member.size = len(jpg)
+            tf.addfile(member, io.BytesIO(jpg))
+    subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tmp_path / index_name(tar.name))],
+                   check=True, capture_output=True)  # else DALI warns that it indexes the tar itself
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from pix2pix_dist.config import DataConfig
+        from pix2pix_dist.data import build_loader
+        from pix2pix_dist.data.shards_index import find_shards
+        from pix2pix_dist.errors import run_main
+        cfg = DataConfig(shards={str(tmp_path)!r}, backend="dali", load_size=64, crop_size=64, num_threads=4)
+        sys.exit(run_main(lambda: list(build_loader(find_shards(cfg.shards, "train"), cfg, batch_size=8, rank=0,
+                                                    world_size=1, device=torch.device("cpu"), seed=0))))
+    """)
+    proc = run_python(["-c", script], env={"PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "[ERROR]" not in proc.stderr and "\x1b" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: DALI failed") and "Failed to decode sample" in proc.stderr
 
 
 def test_interleaved_decoder_error_lines_are_all_dropped_and_other_lines_kept():

@@ -21,9 +21,10 @@ epoch's order depends only on (seed, epoch, rank) and a resumed run sees exactly
 an uninterrupted one, as with the torch backend, which always reseeds per epoch. Validation
 rebuilds its pipeline on every pass, so each pass is identical.
 
-Corrupt JPEGs. DALI's decoder raises a "Critical error in pipeline" without naming the sample
-and the pipeline is unusable afterwards; we turn that into a DataError after finding the first
-undecodable sample of this rank's part with a CPU scan (slow on big splits, but only on the
+Corrupt JPEGs. DALI's decoder raises a "Critical error in pipeline", naming the sample only when
+the header parsed ("Failed to decode sample ...", kept as the reason), and the pipeline is
+unusable afterwards; we turn that into a DataError after finding the first undecodable sample
+of this rank's part with a CPU scan (slow on big splits, but only on the
 error path). The shard writer drops undecodable images, so this means damaged shards.
 nvImageCodec also prints its own coloured `[ERROR] [jpeg_parser] ...` line for such a sample;
 decoder_log_filter.py keeps it off stderr, so the user sees our one line.
@@ -171,7 +172,8 @@ class DaliBatches:
     def _decode_error(self, exc: RuntimeError) -> DataError:
         # DALI's message is a multi-line traceback; keep its one informative line.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = next((line for line in lines if "failure" in line or "failed: " in line), lines[0] if lines else "error")
+        reason = next((line for line in lines if "failure" in line or "failed: " in line
+                       or line.startswith("Failed to decode")), lines[0] if lines else "error")
         reason = reason.split("failed: ", 1)[-1]  # DALI's assertion text before it is C++ source
         start, stop = rank_range(self.shards.total, self.world_size, self.rank)
         where = find_undecodable(self.shards, start, stop) or "no undecodable JPEG found by a CPU scan"
