@@ -43,9 +43,10 @@ class BenchSettings:
     """Further batches for our step, comma-separated, e.g. 64,128,256 (default: 64,128,256 on
     CUDA, 1,4 on CPU); the fastest point is reported as ours at its best batch."""
     repeats: Maybe[int] = None
-    """Rounds of the reference and ours at the same batch, and of the input pipelines at
-    --workers, interleaved so that a load change on a busy machine hits both sides; figures are
-    medians over the rounds, with min-max (default: 3 on CPU, 2 on CUDA)."""
+    """Rounds of the reference and ours at the same batch (with --processes above 1, ours with
+    both norms), and of the input pipelines at --workers, interleaved so that a load change on a
+    busy machine hits both sides; figures are medians over the rounds, with min-max (default: 3
+    on CPU, 2 on CUDA)."""
     worker_counts: Maybe[str] = None
     """Loader worker/thread counts of the scaling curve, comma-separated (default: 1, 2, 4, ...
     up to the CPU cores, and --workers)."""
