@@ -160,15 +160,34 @@ def test_a_crashing_process_still_shows_everything_it_wrote_in_order():
     assert "[ERROR]" not in err.decode() and any("most recent call first" in line for line in lines)
 
 
-def test_the_filter_outlives_no_one_and_ignores_ctrl_c():
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_filter_outlives_no_one_and_ignores_stop_signals():
     """After kill -9 of the process, its filter forwards what was written and exits (end of
-    input) instead of lingering; a Ctrl-C meant for the training does not stop it."""
+    input) instead of lingering; a Ctrl-C at the terminal, or the SIGTERM and SIGHUP that
+    SLURM or a closed terminal send to every process, do not stop it while the training may
+    still print."""
     proc = child(f"""
-        import signal
+        import signal, time
         decoder_log_filter.install()
         filter_pid = decoder_log_filter._installed.process.pid
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.killpg(0, signal.SIGINT)  # Ctrl-C at a terminal: the foreground process group
+        def ignored(sig):
+            with open(f"/proc/{{filter_pid}}/status") as f:
+                mask = next(line for line in f if line.startswith("SigIgn:")).split()[1]
+            return int(mask, 16) >> (sig - 1) & 1
+        while not ignored(signal.SIGHUP):  # a fresh interpreter: wait until it is set up
+            time.sleep(0.02)
+        os.kill(filter_pid, signal.SIGTERM)
+        os.kill(filter_pid, signal.SIGHUP)
         os.write(2, {NOISE} + b"last words\\n")
         print(filter_pid, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -177,7 +196,7 @@ def test_the_filter_outlives_no_one_and_ignores_ctrl_c():
     assert proc.returncode == -signal.SIGKILL and err == b"last words\n"
     filter_pid = int(out)
     for _ in range(100):  # communicate() saw the pipe close: it is exiting, if not gone
-        if not os.path.exists(f"/proc/{filter_pid}") or "Z" in open(f"/proc/{filter_pid}/stat").read().split()[2]:
+        if not alive(filter_pid):
             break
         time.sleep(0.1)
     else:
@@ -203,4 +222,4 @@ def test_install_is_once_per_stderr_and_the_shell_sees_our_last_line_before_exit
     proc.wait(timeout=120)  # the process has exited: the filters must be done by now
     pids = proc.stdout.read().split()
     assert proc.stderr.read() == b"before\nafter\n" and proc.returncode == 0
-    assert all(not os.path.exists(f"/proc/{int(p)}") for p in pids[1:])
+    assert not alive(int(pids[1]))
