@@ -15,6 +15,7 @@ discriminator".
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,10 +65,9 @@ def build_networks(cfg: Config, accelerator) -> Networks:
     memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
     G_raw.to(device, memory_format=memory_format)
     D_raw.to(device, memory_format=memory_format)
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    fused = train.fused_adam
-    opt_G = torch.optim.Adam(G_raw.parameters(), lr=cfg.optim.lr, betas=betas, fused=fused)
-    opt_D = torch.optim.Adam(D_raw.parameters(), lr=cfg.optim.lr, betas=betas, fused=fused)
+    adam = functools.partial(torch.optim.Adam, lr=cfg.optim.lr,
+                             betas=(cfg.optim.beta1, cfg.optim.beta2), fused=train.fused_adam)
+    opt_G, opt_D = adam(G_raw.parameters()), adam(D_raw.parameters())
     # Only the networks are compiled: GanStep's requires_grad toggle and the optimizer steps stay
     # eager, so a toggle can never be baked into a graph (dynamo guards on it and keeps one graph
     # for D with trainable and one with frozen parameters).
@@ -137,7 +137,7 @@ class GanStep:
         and the stop request of every rank are read with one synchronisation (and one small
         all-reduce). Every rank must pass it at the same steps. With `stop=None` and fused Adam
         the step never waits for the device."""
-        acc, n = self.accelerator, self.nets
+        n = self.nets
         L = L.contiguous(memory_format=n.memory_format)
         ab = ab.contiguous(memory_format=n.memory_format)
         losses, ok = self._l1_step(L, ab) if warmup else self._gan_step(L, ab)
@@ -198,9 +198,7 @@ class GanStep:
 
     def _any_rank_nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
         """1.0 (float, on the device) when `loss` is not finite on some rank, else 0.0."""
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
+        bad = self.accelerator.reduce((~torch.isfinite(loss.detach())).float(), reduction="sum")
         return (bad > 0).float()
 
     def _update(self, opt: torch.optim.Optimizer, bad: torch.Tensor) -> None:
@@ -215,9 +213,8 @@ class GanStep:
 
     def _read(self, stop: bool) -> tuple[int, bool]:
         """(skipped steps since the last read, any rank asked to stop): the one host read."""
-        stop_any = torch.tensor(float(stop), device=self._skipped.device)
-        if self.accelerator.num_processes > 1:
-            stop_any = self.accelerator.reduce(stop_any, reduction="sum")
+        stop_any = self.accelerator.reduce(torch.tensor(float(stop), device=self._skipped.device),
+                                           reduction="sum")
         skipped, stop_count = torch.stack([self._skipped.float(), stop_any]).tolist()
         self._skipped.zero_()
         return int(skipped), stop_count > 0
