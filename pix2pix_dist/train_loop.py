@@ -35,7 +35,7 @@ from .atomic import atomic_write
 from .checkpoints import CheckpointManager, checkpoint_root
 from .config import Config, parse_command
 from .data import build_loader, lab_to_rgb
-from .data.shards_index import ShardSet, Splits, find_splits
+from .data.shards_index import Splits, find_splits
 from .errors import UserError, rank_and_world, run_main, warn
 from .evaluation import TrainingEval
 from .export import generator_meta
@@ -114,14 +114,6 @@ def batch_stream(loader, start_step: int) -> Iterator[tuple[torch.Tensor, torch.
         skip, epoch = 0, epoch + 1
 
 
-def fixed_sample_batch(shards: ShardSet, cfg: Config, device: torch.device
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to log.sample_count images of `shards`, deterministic (resize + centre crop)."""
-    loader = build_loader(shards, cfg.data, batch_size=min(cfg.log.sample_count, shards.total),
-                          rank=0, world_size=1, device=device, seed=cfg.train.seed, train=False)
-    return next(iter(loader))
-
-
 @contextlib.contextmanager
 def claim_run_dir(run_dir: Path, accelerator) -> Iterator[None]:
     """Global rank 0 holds the run folder's lock for the whole run (one training per folder, also
@@ -175,8 +167,12 @@ def _train(cfg: Config, accelerator, recipe: Recipe, shards: Splits) -> TrainRes
     loader = build_loader(shards["train"], cfg.data, batch_size=recipe.batch_per_process,
                           rank=rank, world_size=world, device=device, seed=cfg.train.seed,
                           exact_epochs=cfg.train.deterministic)
-    eval_shards = shards.for_eval() if main_process else None
-    sample_L, sample_ab = fixed_sample_batch(eval_shards, cfg, device) if main_process else (None, None)
+    eval_shards = sample_L = sample_ab = None
+    if main_process:  # the sample grid's images: deterministic (resize + centre crop)
+        eval_shards = shards.for_eval()
+        sample_L, sample_ab = next(iter(build_loader(
+            eval_shards, cfg.data, batch_size=min(cfg.log.sample_count, eval_shards.total), rank=0,
+            world_size=1, device=device, seed=cfg.train.seed, train=False)))
 
     # --- models, optimizers, resume ---------------------------------------------------------
     nets = build_networks(cfg, accelerator)
@@ -216,8 +212,8 @@ def _train(cfg: Config, accelerator, recipe: Recipe, shards: Splits) -> TrainRes
     # A bar on a terminal; elsewhere (logs, CI) the periodic status line is enough.
     progress = tqdm(total=recipe.steps, initial=start_step, unit="step", dynamic_ncols=True,
                     disable=not (main_process and sys.stderr.isatty()))
-    tick_start, data_wait, tick_steps = time.perf_counter(), 0.0, 0
     step, stopped = start_step, False
+    tick_start, data_wait, tick_from = time.perf_counter(), 0.0, step
     with stop_signals() as received:
         while step < recipe.steps:
             warmup = recipe.in_warmup(step)
@@ -238,7 +234,6 @@ def _train(cfg: Config, accelerator, recipe: Recipe, shards: Splits) -> TrainRes
             result = step_fn(L, ab, stop=bool(received) if read else None, warmup=warmup)
 
             step += 1
-            tick_steps += 1
             for key, value in result.losses().items():  # zero for a skipped step
                 sums[key] += value
             sums["n"] += result.ok
@@ -263,7 +258,7 @@ def _train(cfg: Config, accelerator, recipe: Recipe, shards: Splits) -> TrainRes
                     "lr": lr, "epoch": step / len(loader), "nonfinite_steps": nonfinite,
                     "phase": 1 if warmup else 2,  # 1: L1 warm-up, 2: GAN
                     "data/skipped_samples": loader.skipped,
-                    "perf/images_per_s": tick_steps * recipe.global_batch / elapsed,
+                    "perf/images_per_s": (step - tick_from) * recipe.global_batch / elapsed,
                     "perf/data_wait_frac": data_wait / elapsed,
                 })
                 if device.type == "cuda":
@@ -271,7 +266,7 @@ def _train(cfg: Config, accelerator, recipe: Recipe, shards: Splits) -> TrainRes
                 tracker.log_scalars(step, scalars)
                 _show(progress, say, step, recipe.steps, scalars)
                 sums.clear()
-                tick_start, data_wait, tick_steps = time.perf_counter(), 0.0, 0
+                tick_start, data_wait, tick_from = time.perf_counter(), 0.0, step
             if main_process and (step % cfg.log.sample_every == 0 or step == recipe.steps):
                 # In the recipe's inference norm mode, on a copy (docs/design.md, "Evaluation
                 # and inference").
@@ -281,8 +276,7 @@ def _train(cfg: Config, accelerator, recipe: Recipe, shards: Splits) -> TrainRes
                                  lab_to_rgb(sample_L, fake), lab_to_rgb(sample_L, sample_ab))
             if evaluator is not None and (step % cfg.eval.every == 0 or step == recipe.steps):
                 tracker.log_scalars(step, evaluator(G_raw))
-            if result.stop:
-                stopped = True
+            if stopped := result.stop:
                 break
             if step % cfg.ckpt.every == 0 and step < recipe.steps:
                 ckpt.save(step, nonfinite)
@@ -313,9 +307,7 @@ def _mean_losses(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, float]
     Every rank holds the same keys (a step's update is skipped on all ranks or none), so one
     all-reduce of the stacked sums is enough."""
     keys = sorted(sums)
-    totals = torch.stack([sums[k] for k in keys])
-    if accelerator.num_processes > 1:
-        totals = accelerator.reduce(totals, reduction="sum")
+    totals = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
     values = dict(zip(keys, totals.tolist()))
     n = values.pop("n")
     return {k: v / n for k, v in values.items()} if n else {}
