@@ -42,9 +42,7 @@ class ConfigError(UserError):
 
 
 def _read_bool(args: list[str]) -> bool:
-    if not args:  # a bare flag: `--dry-run`
-        return True
-    value = args[0].lower()
+    value = args[0].lower() if args else "true"  # a bare flag: `--dry-run`
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
@@ -52,11 +50,15 @@ def _read_bool(args: list[str]) -> bool:
     raise ValueError(f"expected true or false, got {args[0]!r}")
 
 
-def _bool_option(nargs: int | tuple[int, ...], metavar: str) -> Any:
-    return Annotated[bool, PrimitiveConstructorSpec(
-        nargs=nargs, metavar=metavar, instance_from_str=_read_bool,
-        is_instance=lambda value: isinstance(value, bool),
-        str_from_instance=lambda value: ["true" if value else "false"]),
+def _bool_option(nargs: int | tuple[int, ...], metavar: str, auto: bool = False) -> Any:
+    """A boolean key's parser; with `auto`, the value `auto` is also accepted, stored as None."""
+    def read(args: list[str]) -> bool | None:
+        return None if auto and args[0].lower() == "auto" else _read_bool(args)
+
+    return Annotated[bool | None if auto else bool, PrimitiveConstructorSpec(
+        nargs=nargs, metavar=metavar, instance_from_str=read,
+        is_instance=lambda value: isinstance(value, bool) or (auto and value is None),
+        str_from_instance=lambda value: ["auto" if value is None else "true" if value else "false"]),
         tyro.conf.FlagConversionOff]
 
 
@@ -67,12 +69,7 @@ BoolValue = _bool_option(1, "{true,false}")
 FlagValue = _bool_option((0, 1), "[{true,false}]")
 # A speed option whose default depends on the device: `auto` (stored as None) is resolved by
 # device_defaults.py; `true`/`false` are used as given on any device.
-AutoBoolValue = Annotated[bool | None, PrimitiveConstructorSpec(
-    nargs=1, metavar="{auto,true,false}",
-    instance_from_str=lambda args: None if args[0].lower() == "auto" else _read_bool(args),
-    is_instance=lambda value: value is None or isinstance(value, bool),
-    str_from_instance=lambda value: ["auto" if value is None else "true" if value else "false"]),
-    tyro.conf.FlagConversionOff]
+AutoBoolValue = _bool_option(1, "{auto,true,false}", auto=True)
 
 
 Norm = Literal["batch", "batch_local", "instance"]
@@ -557,8 +554,3 @@ def parse_command(argv: list[str]) -> tuple[Config, bool]:
         raise ConfigError(str(exc)) from None
     cfg = Config(**{f.name: getattr(command, f.name) for f in dataclasses.fields(Config)})
     return cfg.validate(), command.dry_run
-
-
-def parse_args(argv: list[str]) -> Config:
-    """The validated Config of train.py's arguments (without --dry-run)."""
-    return parse_command(argv)[0]

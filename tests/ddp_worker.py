@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pix2pix_dist import train_loop
-from pix2pix_dist.config import parse_args
+from pix2pix_dist.config import parse_command
 from pix2pix_dist.data import DataError, build_loader
 from pix2pix_dist.data.shards_index import find_shards
 from pix2pix_dist.recipe import resolve_recipe
@@ -95,7 +95,7 @@ def main() -> None:
     if sys.argv[1] == "--sigterm-after":
         sys.exit(run_with_fault(int(sys.argv[2]), send_sigterm, sys.argv[3:]))
     out = Path(sys.argv[1])
-    cfg = parse_args(sys.argv[2:])
+    cfg = parse_command(sys.argv[2:])[0]
     result = train(cfg)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     shards = find_shards(cfg.data.shards, "train")

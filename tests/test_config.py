@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pix2pix_dist.config import (PRESETS, Config, ConfigError, build_config, leaf_items,
-                                 parse_args, parse_command)
+                                 parse_command)
 from pix2pix_dist.train_loop import main
 
 
@@ -43,7 +43,7 @@ def test_old_config_files_name_global_batchnorm_syncbatch(tmp_path):
     ["--data.global-batch=32", "--train.compile=1", "--optim.lr", "1e-3", "log.tracker=none"],
 ])
 def test_every_spelling_sets_typed_values(args):
-    cfg = parse_args(["--preset", "tutorial", *args])
+    cfg = parse_command(["--preset", "tutorial", *args])[0]
     assert cfg.data.global_batch == 32 and cfg.train.compile is True
     assert cfg.optim.lr == 1e-3 and cfg.log.tracker == "none"
     assert cfg.data.resize == "square"  # the rest of the preset is kept
@@ -72,7 +72,7 @@ def test_dry_run_with_a_wrong_value_is_one_line():
 def test_order_is_defaults_preset_file_then_overrides(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"data": {"global_batch": 8, "load_size": 300}, "run_dir": "runs/f"}))
-    cfg = parse_args(["data.load_size=320", "--config", str(path), "--preset", "tutorial"])
+    cfg = parse_command(["data.load_size=320", "--config", str(path), "--preset", "tutorial"])[0]
     assert cfg.data.global_batch == 8  # the file beats the preset ...
     assert cfg.data.load_size == 320  # ... and the command line beats the file
     assert cfg.run_dir == "runs/f" and cfg.data.resize == "square"  # file, preset
@@ -110,7 +110,7 @@ def test_order_is_defaults_preset_file_then_overrides(tmp_path):
 ])
 def test_invalid_settings_give_one_line_naming_the_key(args, message):
     with pytest.raises(ConfigError) as err:
-        parse_args(args)
+        parse_command(args)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -145,7 +145,7 @@ def test_help_lists_the_preset_names_only(capsys):
 def test_config_file_and_save_roundtrip(tmp_path):
     cfg = build_config("cpu-demo", overrides=[("train.steps", 7)])
     cfg.save(tmp_path / "config.json")
-    again = parse_args(["--config", str(tmp_path / "config.json")])
+    again = parse_command(["--config", str(tmp_path / "config.json")])[0]
     assert again == cfg
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 7
     assert dataclasses.asdict(again)["eval"] == {"norm_mode": "eval", "every": 200, "count": 8}
@@ -164,5 +164,5 @@ def test_config_file_values_are_type_checked(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(ConfigError) as err:
-        parse_args(["--config", str(path)])
+        parse_command(["--config", str(path)])
     assert message in str(err.value) and "\n" not in str(err.value)

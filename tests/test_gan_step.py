@@ -216,16 +216,16 @@ def test_the_loop_reads_skipped_steps_every_sync_every_steps(sample_shards, tmp_
 
 
 def test_auto_speed_settings_resolve_per_device_and_explicit_ones_are_kept():
-    from pix2pix_dist.config import parse_args
+    from pix2pix_dist.config import parse_command
     from pix2pix_dist.device_defaults import cpu_has_native_bf16, resolve_train
 
-    auto = parse_args([]).train
+    auto = parse_command([])[0].train
     assert (auto.mixed_precision, auto.channels_last) == ("auto", None)
     gpu, cpu = resolve_train(auto, "cuda"), resolve_train(auto, "cpu")
     assert (gpu.mixed_precision, gpu.channels_last) == ("bf16", True)
     assert (cpu.mixed_precision, cpu.channels_last) == ("bf16" if cpu_has_native_bf16() else "no",
                                                         False)
-    given = parse_args(["train.mixed_precision=bf16", "train.channels_last=true"]).train
+    given = parse_command(["train.mixed_precision=bf16", "train.channels_last=true"])[0].train
     assert resolve_train(given, "cpu") == given  # an explicit request runs as asked, on a CPU too
-    assert parse_args(["train.channels_last=auto"]).train.channels_last is None
-    assert parse_args(["train.channels_last=false"]).train.channels_last is False
+    assert parse_command(["train.channels_last=auto"])[0].train.channels_last is None
+    assert parse_command(["train.channels_last=false"])[0].train.channels_last is False

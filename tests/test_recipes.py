@@ -17,7 +17,7 @@ from torchvision.io import decode_jpeg
 
 from batchnorm_worker import two_steps
 from conftest import REPO, clean_env, free_port, run_python
-from pix2pix_dist.config import ConfigError, build_config, parse_args
+from pix2pix_dist.config import ConfigError, build_config, parse_command
 from pix2pix_dist.data import build_loader
 from pix2pix_dist.data.lab import uint8_to_lab
 from pix2pix_dist.data.shards_index import find_shards
@@ -56,7 +56,7 @@ def test_paper_decays_over_its_second_half_to_exactly_zero():
 
 
 def test_short_schedule_by_hand():
-    cfg = parse_args(["train.steps=10", "optim.decay_fraction=0.5"])
+    cfg = parse_command(["train.steps=10", "optim.decay_fraction=0.5"])[0]
     recipe = resolve_recipe(cfg, 1, train_images=100)
     assert [recipe.lr_factor(s) for s in range(10)] == pytest.approx(
         [1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2, 0])
@@ -73,7 +73,7 @@ def test_global_batch_the_world_does_not_divide_names_the_nearest_sizes(preset, 
 
 
 def test_pinned_per_process_batch_makes_the_global_batch():
-    cfg = parse_args(["--preset", "tutorial", "data.batch_size=4"])
+    cfg = parse_command(["--preset", "tutorial", "data.batch_size=4"])[0]
     recipe = resolve_recipe(cfg, 8, train_images=8000)
     assert (recipe.global_batch, recipe.batch_per_process, recipe.steps_per_epoch) == (32, 4, 250)
     assert (recipe.steps, recipe.lr) == (25_000, 2e-4)  # still 100 epochs; lr_scaling=none
@@ -81,7 +81,7 @@ def test_pinned_per_process_batch_makes_the_global_batch():
 
 @pytest.mark.parametrize("rule, lr", [("none", 2e-4), ("linear", 8e-4), ("sqrt", 4e-4)])
 def test_lr_scaling_is_relative_to_the_reference_batch(rule, lr):
-    cfg = parse_args(["--preset", "tutorial", "data.global_batch=64", f"optim.lr_scaling={rule}"])
+    cfg = parse_command(["--preset", "tutorial", "data.global_batch=64", f"optim.lr_scaling={rule}"])[0]
     recipe = resolve_recipe(cfg, 4, train_images=8000)
     assert recipe.lr == pytest.approx(lr)
     assert f"reference batch 16, lr_scaling={rule}" in recipe.describe()
@@ -152,9 +152,9 @@ def _stripes(height: int, width: int) -> torch.Tensor:
 @pytest.mark.parametrize("train", [False, True])
 def test_square_resize_squashes_the_whole_image_on_both_backends(tmp_path, backend, train, device):
     jpg = one_photo_shard(tmp_path, _stripes(48, 144).permute(1, 2, 0).numpy(), quality=98)
-    cfg = parse_args([f"data.shards={tmp_path}", f"data.backend={backend}", "data.batch_size=4",
+    cfg = parse_command([f"data.shards={tmp_path}", f"data.backend={backend}", "data.batch_size=4",
                       "data.resize=square", "data.load_size=32", "data.crop_size=32",
-                      "model.num_downs=5", "data.flip=false", "data.num_threads=1"]).data
+                      "model.num_downs=5", "data.flip=false", "data.num_threads=1"])[0].data
     L, ab = next(iter(build_loader(find_shards(tmp_path, "train"), cfg, batch_size=4, rank=0,
                                    world_size=1, device=torch.device(device), seed=0, train=train)))
     L, ab = L.cpu(), ab.cpu()  # on CUDA: GPU decode and resize, compared with the CPU reference

@@ -306,8 +306,8 @@ def test_warmup_leaves_d_bit_identical_and_logs_its_phase(straight, accelerator)
     assert not at_boundary["opt_D"]["state"]  # D's Adam never stepped in the warm-up
     # D as built, before any step: the same seed and construction as the run.
     from accelerate.utils import set_seed
-    from pix2pix_dist.config import parse_args
-    cfg = parse_args(straight[1][1:])
+    from pix2pix_dist.config import parse_command
+    cfg = parse_command(straight[1][1:])[0]
     set_seed(cfg.train.seed)
     D = build_networks(cfg, accelerator).D_raw
     for key, value in D.state_dict().items():
