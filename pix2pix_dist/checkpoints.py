@@ -57,10 +57,8 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (`.tmp` folders are incomplete by construction)."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and folder_step(p) is not None]
+    found = [p for p in checkpoint_root(run_dir).glob(f"{PREFIX}*")  # none without the folder
+             if p.is_dir() and folder_step(p) is not None]
     return sorted(found, key=folder_step)
 
 
@@ -310,10 +308,8 @@ class CheckpointManager:
                 picked = self._pick(resume)
             except CheckpointError as exc:
                 error = str(exc)
-        picked, error = all_gather((picked, error))[0]
-        if error is not None:
-            raise CheckpointError(error, all_ranks=True)
-        return picked
+        agree(error, CheckpointError)
+        return all_gather(picked)[0]
 
     def _pick(self, resume: str) -> Path | None:
         existing = list_checkpoints(self.run_dir)
