@@ -183,11 +183,8 @@ def run(opts: EvalOptions) -> dict[str, Any]:
         exported = load_export(export_path, state.device)
         settings = exported.settings
         mode: NormMode = opts.norm_mode or settings.norm_mode
-        try:
-            fid_net = fid_network(opts.weights_dir, state.device)
-            lpips_net = lpips_network(opts.weights_dir, state.device)
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
+        fid_net = fid_network(opts.weights_dir, state.device)
+        lpips_net = lpips_network(opts.weights_dir, state.device)
         shards = find_shards(shards_path, opts.split)
         total = min(shards.total, opts.limit or shards.total)
         start, stop = rank_range(total, state.num_processes, state.process_index)

@@ -162,15 +162,14 @@ def gather(part: Evaluation, expected: int) -> Evaluation:
     Ranks read disjoint position ranges (sampling.rank_range), so nothing is padded; a position
     seen twice or a count that does not add up is a bug and raises."""
     parts = all_gather(part)
-    merged = Evaluation(sorted((r for p in parts for r in p.results), key=lambda r: r.index), {})
-    skipped: Counter[str] = Counter()
+    results = sorted((r for p in parts for r in p.results), key=lambda r: r.index)
+    skipped = sum((Counter(p.skipped) for p in parts), Counter())
+    merged = Evaluation(results, dict(skipped))
     for p in parts:
-        skipped.update(p.skipped)
         merged.tiles.update(p.tiles)
         for name, feats in p.features.items():
             merged.features.setdefault(name, {}).update(feats)
-    merged.skipped = dict(skipped)
-    results, unique = merged.results, {r.index for r in merged.results}
+    unique = {r.index for r in results}
     if len(unique) != len(results) or len(results) + skipped.total() != expected:
         raise RuntimeError(f"gathered {len(results)} results ({len(unique)} distinct) and "
                            f"{skipped.total()} skips for {expected} samples")
@@ -227,7 +226,7 @@ class TrainingEval:
         """eval/* scalars of `generator` (the training model is not modified)."""
         copy = inference_copy(generator, self.model)
         result = evaluate_samples(copy, self.settings, self.settings.norm_mode, iter(self.samples),
-                                  device=self.device, batch_size=16)
+                                  device=self.device)
         means = summary(result.results)["train_res"]
         return {**{f"eval/{k}": v for k, v in means["model"].items()},
                 **{f"eval/gray_{k}": means["gray"][k] for k in ("psnr", "ssim", "ab_l1")}}

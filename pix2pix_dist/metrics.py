@@ -28,6 +28,7 @@ from skimage.color import rgb2lab
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
+from .errors import UserError
 from .imageio import first_line
 
 PSNR_CAP = 100.0
@@ -86,7 +87,7 @@ values are not comparable with papers' FIDs, which use the TF-Inception port (py
 
 def fid_network(weights_dir: Path | None, device: torch.device) -> nn.Module | None:
     """Inception v3 feature extractor from `weights_dir`, or None when the file is not there
-    (never downloaded). A file that is not those weights raises ValueError (one line)."""
+    (never downloaded). A file that is not those weights raises UserError (one line)."""
     from torchvision.models import Inception3
 
     if weights_dir is None or not (path := Path(weights_dir) / FID_WEIGHTS).is_file():
@@ -95,8 +96,8 @@ def fid_network(weights_dir: Path | None, device: torch.device) -> nn.Module | N
     try:
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:  # wrong file, damaged file, pickled code (refused by weights_only)
-        raise ValueError(f"{path} is not torchvision's Inception v3 weights: "
-                         f"{first_line(exc)}") from None
+        raise UserError(f"{path} is not torchvision's Inception v3 weights: {first_line(exc)}",
+                        all_ranks=True) from None
     net.fc = nn.Identity()  # the 2048-d pool features, as FID uses
     return net.eval().to(device)
 
@@ -171,7 +172,7 @@ class Lpips(nn.Module):
 
 def lpips_network(weights_dir: Path | None, device: torch.device) -> Lpips | None:
     """LPIPS from the two files of LPIPS_FILES in `weights_dir`, or None when they are not both
-    there (never downloaded). Files that are not those weights raise ValueError (one line)."""
+    there (never downloaded). Files that are not those weights raise UserError (one line)."""
     from torchvision.models import alexnet
 
     paths = [Path(weights_dir) / name for name in LPIPS_FILES] if weights_dir is not None else []
@@ -185,6 +186,6 @@ def lpips_network(weights_dir: Path | None, device: torch.device) -> Lpips | Non
         if [tuple(w.shape) for w in lins] != [(1, c, 1, 1) for c in _LPIPS_CHANNELS]:
             raise ValueError("linear layers of the wrong shapes")
     except Exception as exc:  # wrong, damaged or pickled-code files (refused by weights_only)
-        raise ValueError(f"{paths[0]} and {paths[1]} are not AlexNet and LPIPS v0.1 weights: "
-                         f"{first_line(exc)}") from None
+        raise UserError(f"{paths[0]} and {paths[1]} are not AlexNet and LPIPS v0.1 weights: "
+                        f"{first_line(exc)}", all_ranks=True) from None
     return Lpips(net.features, lins).eval().to(device)
