@@ -64,7 +64,7 @@ class RunTracker:
     """Scalars and sample grids of one run, sent to the tracker and kept in the run folder."""
 
     def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path,
-                 resume_step: int = 0, recipe: Recipe | None = None) -> None:
+                 resume_step: int, recipe: Recipe) -> None:
         self.accelerator = accelerator
         self.kind = cfg.log.tracker
         self.run_dir = Path(run_dir)
@@ -82,9 +82,7 @@ class RunTracker:
             # Flat scalars: the config as given (data.batch_size=0 means "derived", as in
             # config.json, which must stay valid on another world size) and the recipe it
             # resolved to on this run (recipe.batch_per_process, recipe.steps, recipe.lr, ...).
-            hparams = dict(leaf_items(cfg))
-            if recipe is not None:
-                hparams |= {f"recipe.{key}": value for key, value in vars(recipe).items()}
+            hparams = dict(leaf_items(cfg)) | {f"recipe.{k}": v for k, v in vars(recipe).items()}
             wandb_kwargs = self._wandb_init_kwargs(resume_step) if self.kind == "wandb" else {}
             accelerator.init_trackers(project_name=cfg.log.project, config=hparams,
                                       init_kwargs={"wandb": wandb_kwargs})

@@ -212,7 +212,8 @@ def test_credentials_from_env_or_netrc(tmp_path, monkeypatch):
 
 def test_non_main_process_does_nothing(tmp_path):
     accelerator = types.SimpleNamespace(is_main_process=False)  # any tracker call would fail
-    tracker = RunTracker(accelerator, Config(), tmp_path / "run", resume_step=0)
+    recipe = resolve_recipe(Config(), 1, train_images=64)
+    tracker = RunTracker(accelerator, Config(), tmp_path / "run", resume_step=0, recipe=recipe)
     tracker.log_scalars(1, {"loss": 1.0})
     tracker.log_grid(1, *sample_batch())
     tracker.close()
