@@ -75,11 +75,10 @@ class GeneratorExport:
 
 def generator_meta(cfg: Config, step: int) -> dict[str, dict[str, Any]]:
     """What export_generator records for a run of `cfg` at `step`."""
-    model = generator_args(cfg.model)
     settings = InferenceSettings(norm_mode=cfg.eval.norm_mode, resize=cfg.data.resize,
                                  crop_size=cfg.data.crop_size, load_size=cfg.data.load_size,
                                  step=step)
-    return {"model": model, "inference": dataclasses.asdict(settings)}
+    return {"model": generator_args(cfg.model), "inference": dataclasses.asdict(settings)}
 
 
 def export_generator(generator: nn.Module, path: Path, meta: dict[str, dict[str, Any]]) -> None:

@@ -70,19 +70,18 @@ class Recipe:
     def describe(self) -> str:
         """One line with every derived number (the start log line and --dry-run)."""
         gan_steps = self.steps - self.warmup_steps
-        phases = ""
+        schedule = _schedule(gan_steps, self.decay_steps)
         if self.warmup_steps:
-            phases = (f"; phase 1: L1 warm-up (generator alone), {self.warmup_steps} steps = "
-                      f"{self.warmup_steps / self.steps_per_epoch:g} epochs, lr "
-                      f"{self.warmup_lr:.6g}, {_schedule(self.warmup_steps, self.warmup_decay_steps)}"
-                      f"; phase 2: GAN, {gan_steps} steps = {gan_steps / self.steps_per_epoch:g} "
-                      f"epochs, lr {self.lr:.6g}, {_schedule(gan_steps, self.decay_steps)}")
+            schedule = (f"phase 1: L1 warm-up (generator alone), {self.warmup_steps} steps = "
+                        f"{self.warmup_steps / self.steps_per_epoch:g} epochs, lr "
+                        f"{self.warmup_lr:.6g}, {_schedule(self.warmup_steps, self.warmup_decay_steps)}"
+                        f"; phase 2: GAN, {gan_steps} steps = {gan_steps / self.steps_per_epoch:g} "
+                        f"epochs, lr {self.lr:.6g}, {schedule}")
         return (f"recipe: global batch {self.global_batch} = {self.batch_per_process}/process x "
                 f"{self.world_size} process(es); {self.steps} steps = {self.epochs:g} epochs of "
                 f"{self.train_images} train images ({self.steps_per_epoch} steps/epoch); "
                 f"lr {self.lr:.6g} ({self.lr_rule}); "
-                f"{phases[2:] if phases else _schedule(gan_steps, self.decay_steps)}; "
-                f"{self.norm_rule}")
+                f"{schedule}; {self.norm_rule}")
 
 
 def _schedule(steps: int, decay_steps: int) -> str:
