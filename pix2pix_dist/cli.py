@@ -33,8 +33,8 @@ _FRAME = re.compile(r"[\u2500-\u257f]")
 
 
 class CliError(UserError):
-    """A command-line problem, reported to the user as one line (by rank 0: every rank reads the
-    same command line)."""
+    """A problem with the command line or the settings it names (config.ConfigError: a preset,
+    config file or key), reported as one line by rank 0: every rank reads the same ones."""
 
     all_ranks = True
 

@@ -30,15 +30,10 @@ from tyro.constructors import PrimitiveConstructorSpec
 
 from .atomic import atomic_write
 from .cli import CliError, expand_key_values, parse
-from .errors import UserError
 from .files import read_text
 
 
-class ConfigError(UserError):
-    """A configuration problem, reported to the user as one line (by rank 0: every rank reads
-    the same configuration)."""
-
-    all_ranks = True
+ConfigError = CliError  # a preset, config file or key is part of the command line: one error type
 
 
 def _read_bool(args: list[str]) -> bool:
@@ -550,7 +545,7 @@ def parse_command(argv: list[str]) -> tuple[Config, bool]:
                                preset=start.preset, config=start.config)
         command = parse(TrainCommand, argv, prog="train.py", description=DESCRIPTION,
                         default=default, aliases=ALIASES)
-    except (argparse.ArgumentError, CliError) as exc:
+    except argparse.ArgumentError as exc:
         raise ConfigError(str(exc)) from None
     cfg = Config(**{f.name: getattr(command, f.name) for f in dataclasses.fields(Config)})
     return cfg.validate(), command.dry_run
