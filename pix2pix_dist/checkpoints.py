@@ -69,15 +69,14 @@ def _file_entry(path: Path) -> dict[str, Any]:
 
 def folder_step(path: Path) -> int | None:
     """N of a `step-N` folder name; None for another name (a checkpoint the user moved)."""
-    digits = Path(path).name[len(PREFIX):]
-    return int(digits) if Path(path).name.startswith(PREFIX) and digits.isdigit() else None
+    digits = path.name[len(PREFIX):]
+    return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
 
 
 def verify_checkpoint(path: Path) -> None:
     """Raise CheckpointError unless every file the manifest lists has its recorded size and
     sha256 (sizes first: a truncated file is found without reading it), and a `step-N` folder's
     manifest is that of step N (a copied or renamed folder would resume at the wrong step)."""
-    path = Path(path)
     try:
         manifest = json.loads(read_text(path / MANIFEST))
         files = manifest["files"]

@@ -128,7 +128,7 @@ class GanStep:
     def restart_g_optimizer(self) -> None:
         """Forget G's Adam moments and step count: the GAN phase after a warm-up starts G's
         optimizer afresh, as the tutorial's new Adam does."""
-        getattr(self.nets.opt_G, "optimizer", self.nets.opt_G).state.clear()
+        self.nets.opt_G.state.clear()  # Accelerate's wrapper forwards `state`
 
     def __call__(self, L: torch.Tensor, ab: torch.Tensor, stop: bool | None = None,
                  warmup: bool = False) -> StepResult:
@@ -137,9 +137,8 @@ class GanStep:
         and the stop request of every rank are read with one synchronisation (and one small
         all-reduce). Every rank must pass it at the same steps. With `stop=None` and fused Adam
         the step never waits for the device."""
-        n = self.nets
-        L = L.contiguous(memory_format=n.memory_format)
-        ab = ab.contiguous(memory_format=n.memory_format)
+        L = L.contiguous(memory_format=self.nets.memory_format)
+        ab = ab.contiguous(memory_format=self.nets.memory_format)
         losses, ok = self._l1_step(L, ab) if warmup else self._gan_step(L, ab)
         self._skipped += (~ok).long()
         result = StepResult({k: v.detach() for k, v in losses.items()}, ok, skipped=None)
