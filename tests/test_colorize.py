@@ -131,10 +131,12 @@ def test_the_pipeline_writes_what_each_photo_gives_alone_within_its_pixel_budget
     monkeypatch.setattr(colorize, "PixelBudget", RecordingBudget)
     RecordingBudget.peaks = []
     out = tmp_path / "out"
+    threads = torch.get_num_threads()
     assert colorize_main([str(src), "--generator", str(export), "--output", str(out),
                           "--norm-mode", mode, "--no-progress"]) == 0
     assert all(pixels <= limit or count == 1 for pixels, count in RecordingBudget.peaks)
     assert max(count for _, count in RecordingBudget.peaks) > 1  # it did overlap photos
+    assert torch.get_num_threads() == threads  # the network's share of the cores is given back
     exported = load_export(export, torch.device("cpu"))
     for path in sorted(src.iterdir()):
         image = load_image(path)
