@@ -58,10 +58,6 @@ class TrainResult:
     discriminator: nn.Module
 
 
-class TrainingError(UserError):
-    """The run cannot go on (e.g. too many non-finite losses); reported as one line."""
-
-
 @contextlib.contextmanager
 def stop_signals() -> Iterator[list[int]]:
     """Collects SIGTERM, SIGINT and the parent-death signal in the yielded list, checked between
@@ -131,7 +127,7 @@ def claim_run_dir(run_dir: Path, accelerator) -> Iterator[None]:
         except OSError as exc:
             error = f"cannot write to the run folder {run_dir}: {exc.strerror or exc}"
     try:
-        agree(error, TrainingError)
+        agree(error, UserError)
         yield
     finally:
         lock.release()
@@ -244,7 +240,7 @@ def _train(cfg: Config, accelerator, recipe: Recipe, shards: Splits) -> TrainRes
                     warn(f"non-finite loss in {result.skipped} step(s) up to step {step}; "
                          f"update skipped ({nonfinite} so far)")
                 if nonfinite >= cfg.train.max_nonfinite:
-                    raise TrainingError(
+                    raise UserError(
                         f"{nonfinite} steps had non-finite losses (train.max_nonfinite="
                         f"{cfg.train.max_nonfinite}); stopping. Try train.mixed_precision=bf16 or "
                         f"a lower optim.lr: {ckpt.advice()}", all_ranks=True)
