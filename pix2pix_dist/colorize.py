@@ -248,9 +248,10 @@ def colorize_files(opts: ColorizeOptions, exported: GeneratorExport, device: tor
     threads = torch.get_num_threads()
     if device.type == "cpu" and len(files) > 1:
         # Half the cores for the network, the others colour, encode and decode other photos
-        # beside it: on 2 cores, 17 photos (JPEG out) took 14 s this way, 32 s with both threads
-        # on the network (its barriers wait for cores the other stages hold); a pool of networks
-        # on one thread each was no faster. One photo gets every core.
+        # beside it. On 2 cores, 17 photos (JPEG out): 14 s this way, 32 s with both threads on
+        # the network while other jobs loaded the machine (its barriers wait for cores that the
+        # other stages hold); 7.0-7.7 s against 6.9-8.3 s on a quiet one. A pool of networks,
+        # one thread each, was no faster. One photo gets every core.
         torch.set_num_threads(max(1, threads // 2))
     workers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="colorize")
     loader = threading.Thread(target=load_all, name="colorize-load", daemon=True)
