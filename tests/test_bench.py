@@ -485,6 +485,20 @@ def test_bad_options_are_one_line_errors(argv, message, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--sizes", "1,a"], "--sizes takes positive megapixels"),
+    (["--set-sizes", "0"], "--set-sizes takes positive megapixels"),
+    (["--format", "gif"], "gif"),
+])
+def test_colorize_speed_bad_options_are_one_line_errors(argv, message, tmp_path, capsys):
+    from pix2pix_dist.bench import colorize_speed
+
+    assert colorize_speed.main([*argv, "--cache", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not any(tmp_path.iterdir())  # refused before any photo or export is made
+
+
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])

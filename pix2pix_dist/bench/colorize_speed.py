@@ -33,6 +33,7 @@ import torch
 
 from ..atomic import atomic_write
 from ..cli import CliError, parse
+from ..errors import run_main
 from ..imageio import load_image
 
 
@@ -151,16 +152,29 @@ def peak_rss_mib(photo: Path, generator: Path, fmt: str, out: Path) -> float:
     return int(proc.stdout.split()[-1]) / 1024
 
 
+def megapixel_list(text: str, option: str) -> list[float]:
+    """`0.3,1,4` -> [0.3, 1.0, 4.0]; empty text: []."""
+    try:
+        sizes = [float(mp) for mp in text.split(",") if mp.strip()]
+    except ValueError:
+        sizes = []
+    if text.strip() and not (sizes and all(mp > 0 for mp in sizes)):
+        raise CliError(f"{option} takes positive megapixels separated by commas, e.g. 0.3,1,4; "
+                       f"got {text!r}")
+    return sizes
+
+
 def run(s: ColorizeBenchSettings) -> dict:
     from ..export import load_export
 
+    sizes, set_sizes = megapixel_list(s.sizes, "--sizes"), megapixel_list(s.set_sizes, "--set-sizes")
     cache = Path(s.cache)
     generator = Path(s.generator) if s.generator else default_export(cache)
     export = load_export(generator, torch.device("cpu"))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        for mp in (float(x) for x in s.sizes.split(",")):
+        for mp in sizes:
             photo = make_photo(cache, mp)
             floor, stages = [], []
             for _ in range(s.repeat):
@@ -177,8 +191,7 @@ def run(s: ColorizeBenchSettings) -> dict:
                 entry.update(peak_rss_mib=peak, peak_rss_mib_per_mp=peak / megapixels)
             print(json.dumps(entry), flush=True)
             results.append(entry)
-        whole_set = (measure_set(s, [float(x) for x in s.set_sizes.split(",")], generator, export, out)
-                     if s.set_sizes else None)
+        whole_set = measure_set(s, set_sizes, generator, export, out) if set_sizes else None
     return {"format": s.format, "threads": torch.get_num_threads(), "generator": str(generator),
             "photos": results, "set": whole_set}
 
@@ -228,15 +241,13 @@ def format_table(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> None:
         s = parse(ColorizeBenchSettings, sys.argv[1:] if argv is None else argv,
                   prog="python -m pix2pix_dist.bench.colorize_speed",
                   description=__doc__.split("\n\n")[0])
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(run(s)))
-    return 0
+        print(format_table(run(s)))
+
+    return run_main(body)
 
 
 if __name__ == "__main__":
