@@ -77,13 +77,13 @@ def _time_batches(stream: Iterator[tuple[torch.Tensor, torch.Tensor]], s: BenchS
             "seconds": seconds, "first_batch_s": first_s}
 
 
-def _measure_loader(name: str, s: BenchSettings, shards: Path, device: torch.device,
-                    workers: int) -> dict[str, Any]:
-    """One timed window of one input pipeline with `workers` threads/workers, or {"error": ...}."""
+def _measure_loader(name: str, s: BenchSettings, shards: Path, split: ShardSet,
+                    device: torch.device, workers: int) -> dict[str, Any]:
+    """One timed window of one input pipeline with `workers` threads/workers over `split` (the
+    train split of `shards`), or {"error": ...}."""
     from ..config import DataConfig
     from ..data import DataError, build_loader
 
-    split = train_shards(shards)
     tars, images = [shard.tar for shard in split.shards], split.total
     entry: dict[str, Any] = {"batch_size": s.batch_size, "workers": workers}
     stream = loader = None
@@ -134,11 +134,9 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**middle, "runs_images_per_s": rates, "run_spread": spread(rates)}
 
 
-def _ratios_per_round(runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
-    """DALI and torch over the tutorial loader, one ratio per round (measured side by side)."""
-    return {f"{name}_over_tutorial": [a["images_per_s"] / b["images_per_s"]
-                                      for a, b in zip(runs[name], runs["tutorial"])]
-            for name in ("dali", "torch")}
+def _round_ratios(over: list[dict[str, Any]], under: list[dict[str, Any]]) -> list[float]:
+    """One ratio per round: `over`'s images/s over `under`'s, run side by side."""
+    return [a["images_per_s"] / b["images_per_s"] for a, b in zip(over, under)]
 
 
 def measure_input_pipelines(s: BenchSettings, shards: Path, device: torch.device) -> dict[str, Any]:
@@ -157,14 +155,15 @@ def measure_input_pipelines(s: BenchSettings, shards: Path, device: torch.device
                     continue
                 print(f"measuring input pipeline: {name}, {workers} worker(s)"
                       f"{f', round {i + 1}/{rounds}' if rounds > 1 else ''} ...", flush=True)
-                entry = _measure_loader(name, s, shards, device, workers)
+                entry = _measure_loader(name, s, shards, split, device, workers)
                 if "error" in entry:
                     failed[name] = entry
                 else:
                     runs[name].append(entry)
         loaders = {name: failed.get(name) or median_run(runs[name]) for name in LOADERS}
         by_workers.append({"workers": workers, "loaders": loaders,
-                           "round_ratios": _ratios_per_round(runs)})
+                           "round_ratios": {f"{name}_over_tutorial": _round_ratios(runs[name], runs["tutorial"])
+                                            for name in ("dali", "torch")}})
     main = next(w for w in by_workers if w["workers"] == s.workers)
     return {"shards": str(shards), "images": split.total, "tars": len(split.shards),
             "loaders": main["loaders"], "round_ratios": main["round_ratios"],
@@ -193,13 +192,6 @@ def training_rounds(s: BenchSettings, base: PointSpec) -> list[tuple[PointSpec, 
 
 def _key(spec: PointSpec) -> tuple[str, int, str]:
     return spec.kind, spec.batch, spec.norm
-
-
-def _round_ratios(runs: dict[tuple[str, int, str], list[dict[str, Any]]],
-                  over: PointSpec, under: PointSpec) -> list[float]:
-    """One ratio per round: `over`'s images/s over `under`'s, run side by side."""
-    return [a["images_per_s"] / b["images_per_s"]
-            for a, b in zip(runs.get(_key(over), []), runs.get(_key(under), []))]
 
 
 def measure_training(s: BenchSettings, shards: Path, device: torch.device,
@@ -272,5 +264,6 @@ def measure_training(s: BenchSettings, shards: Path, device: torch.device,
             # One ratio per round (ours over the reference run just before it; with more than
             # one process also model.norm=batch over batch_local): their median is the headline
             # ratio, their min-max its spread.
-            "round_ratios": _round_ratios(runs, base, reference),
-            "norm_round_ratios": _round_ratios(runs, base, local[0]) if local else []}
+            "round_ratios": _round_ratios(runs.get(_key(base), []), runs.get(_key(reference), [])),
+            "norm_round_ratios": (_round_ratios(runs.get(_key(base), []), runs.get(_key(local[0]), []))
+                                  if local else [])}
