@@ -84,6 +84,18 @@ def sample_entry(members: list[tarfile.TarInfo]) -> list[str]:
     return [component(split_name(m.name)[1], m.offset_data, m.size, m.name) for m in members]
 
 
+def parse_index(text: str) -> list[tuple[str, list[tuple[str, int, int]]]]:
+    """render_index's text read back: (key, [(ext, data offset, size) per component]) per
+    sample line; raises ValueError or IndexError on a malformed line."""
+    samples = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()  # component()s: <ext> <offset> <size> <name>, ...
+        parts = [(fields[i], int(fields[i + 1]), int(fields[i + 2]))
+                 for i in range(0, len(fields) - 3, 4)]
+        samples.append((split_name(fields[3])[0], parts))
+    return samples
+
+
 def index_sample_count(index: Path) -> int | None:
     """The sample count in an index's header line, None when it is no DALI index."""
     with open_regular(index) as f:

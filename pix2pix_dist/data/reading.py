@@ -18,7 +18,7 @@ import torch
 from webdataset import tariterators
 
 from ..errors import DataError
-from ..shard_format import group_samples, split_name
+from ..shard_format import group_samples, parse_index, split_name
 from .geometry import decode
 from .shards_index import Shard, ShardSet
 
@@ -77,11 +77,7 @@ def _jpg_entries(shard: Shard) -> list[Located]:
                 members = [(key, [(split_name(m.name)[1], m.offset_data, m.size) for m in ms])
                            for key, ms in group_samples(tf)]
         else:
-            members = []
-            for line in shard.index.read_text().splitlines()[1:]:
-                fields = line.split()  # <ext> <offset> <size> <name>, per component
-                parts = [(fields[i], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields) - 3, 4)]
-                members.append((split_name(fields[3])[0], parts))
+            members = parse_index(shard.index.read_text())
         end = shard.tar.stat().st_size
     except (tarfile.TarError, OSError, ValueError, IndexError) as exc:
         raise DamagedShard(shard.tar, exc) from None
